@@ -1,0 +1,38 @@
+"""twotower: factorized (two-tower) retrieval for PyTorch.
+
+The main pieces:
+
+* :mod:`twotower.tasks` -- :class:`~twotower.tasks.Retrieval`, the in-batch softmax task, equal to TFRS's.
+* :mod:`twotower.losses` -- its composable parts (hard negatives, accidental hits, sampling correction).
+* :mod:`twotower.metrics` -- loss, batch and factorized (whole-corpus) metrics on torchmetrics.
+* :mod:`twotower.indexes` -- exact top-K indexes (in memory, streaming).
+"""
+
+from twotower.indexes import BruteForce, Streaming, TopK
+from twotower.losses import (
+    HardNegativeMining,
+    RemoveAccidentalHits,
+    SamplingProbabilityCorrection,
+    SoftmaxCrossEntropy,
+)
+from twotower.metrics import BatchAUC, BatchTopKAccuracy, FactorizedMetric, FactorizedTopK, LossMean
+from twotower.tasks import Retrieval
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchAUC",
+    "BatchTopKAccuracy",
+    "BruteForce",
+    "FactorizedMetric",
+    "FactorizedTopK",
+    "HardNegativeMining",
+    "LossMean",
+    "RemoveAccidentalHits",
+    "Retrieval",
+    "SamplingProbabilityCorrection",
+    "SoftmaxCrossEntropy",
+    "Streaming",
+    "TopK",
+    "__version__",
+]

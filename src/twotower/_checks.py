@@ -1,0 +1,109 @@
+"""Argument checks shared by the public API.
+
+Every public entry point validates its inputs here so that bad input fails early with an error that names the
+argument and what was expected, instead of a shape error deep inside torch or, worse, a silent wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def require_tensor(value: Any, name: str) -> torch.Tensor:
+    """Return ``value`` if it is a tensor, else raise a ``TypeError`` naming ``name``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_floating(value: Any, name: str, ndims: Sequence[int]) -> torch.Tensor:
+    """Check that ``value`` is a floating-point tensor with one of the allowed numbers of dimensions."""
+    tensor = require_tensor(value, name)
+    if tensor.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if tensor.ndim not in ndims:
+        allowed = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"{name} must have {allowed} dimensions, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def require_finite(tensor: torch.Tensor, name: str) -> None:
+    """Raise a ``ValueError`` if ``tensor`` holds NaN or infinity."""
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+
+
+def require_shape(tensor: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    """Raise a ``ValueError`` unless ``tensor.shape == shape``."""
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def as_float_vector(value: Any, name: str, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Convert a per-row vector (tensor, array or sequence) to a finite 1-D tensor of ``length`` entries.
+
+    A trailing singleton dimension (``[length, 1]``, as Keras accepts for sample weights) is squeezed.
+    """
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"{name} must be a tensor or a sequence of numbers: {error}") from error
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
+    if tensor.ndim == 2 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tensor.ndim != 1 or tensor.shape[0] != length:
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(tensor.shape)}")
+    tensor = tensor.to(device=device, dtype=dtype)
+    require_finite(tensor, name)
+    return tensor
+
+
+def encode_ids(ids: Any, name: str, length: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """Turn candidate identifiers into integer codes that compare equal exactly when the ids do.
+
+    Args:
+        ids: a 1-D integer tensor, a numpy array of integers or strings, or a sequence of ``int``/``str``/``bytes``.
+        name: the argument's name, for error messages.
+        length: the required number of ids, if any.
+
+    Returns:
+        ``(codes, values)``: ``codes`` is an ``int64`` tensor of shape ``[n]`` (on the CPU unless ``ids`` was a
+        tensor, whose device it keeps); ``values`` is a 1-D numpy array of the original ids (integers keep an
+        integer dtype, strings become a ``str``/``bytes`` array).
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f"{name} must hold integers or strings, got a tensor of dtype {ids.dtype}")
+        if ids.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
+        if length is not None and ids.shape[0] != length:
+            raise ValueError(f"{name} must have {length} entries, got {ids.shape[0]}")
+        return ids.to(torch.int64), ids.detach().cpu().numpy()
+    values = np.asarray(ids)
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {values.shape}")
+    if length is not None and values.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {values.shape[0]}")
+    if values.dtype.kind in "iu":
+        return torch.as_tensor(values.astype(np.int64)), values
+    if values.dtype.kind in "USO":
+        if values.dtype.kind == "O" and not all(isinstance(v, (str, bytes, int, np.integer)) for v in values):
+            raise TypeError(f"{name} must hold integers or strings")
+        _, codes = np.unique(values.astype(str), return_inverse=True)
+        return torch.as_tensor(codes.astype(np.int64)), values
+    if values.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int64), values.astype(np.int64)
+    raise TypeError(f"{name} must hold integers or strings, got numpy dtype {values.dtype}")

@@ -1,0 +1,493 @@
+"""Top-K indexes: given query embeddings, return the best-scoring candidates of a corpus by dot product.
+
+All indexes share one interface, after TFRS's ``layers.factorized_top_k.TopK`` and FAISS's plain indexes:
+
+* ``index(candidates, identifiers=None)`` / ``index_from_dataset(batches)`` build it;
+* ``index(queries, k=None) -> (scores, ids)``: ``[nq, k]`` scores sorted by descending score and the matching
+  ids (an ``int64`` tensor for integer ids, a numpy ``str`` array for string ids);
+* ``query_with_exclusions(queries, exclusions, k=None)`` leaves out given ids per query (e.g. already seen items);
+* ``is_exact()`` tells whether the results are exact.
+
+:class:`BruteForce` keeps the candidates in memory; :class:`Streaming` reads them batch by batch from an iterable
+on every query, so the corpus never has to fit in memory.
+
+``k`` larger than the corpus is clamped to the corpus size. Duplicate ids are allowed: each row is its own
+candidate (the same id can appear twice in a result), and excluding an id excludes every row that carries it.
+Ties are broken by row position, lower first.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import numpy as np
+import torch
+from torch import nn
+
+from twotower import _topk
+from twotower._checks import encode_ids, require_finite, require_floating
+
+#: Ids returned by an index: an ``int64`` tensor ``[nq, k]`` or, for string ids, a numpy array ``[nq, k]``.
+Ids: TypeAlias = "torch.Tensor | np.ndarray"
+
+
+class IdTable:
+    """The ids of an index's rows, integer or string, and the reverse map from id to rows.
+
+    Args:
+        values: 1-D numpy array of ids (integer or ``str``), one per row.
+    """
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.is_string = values.dtype.kind in "USO"
+        if self.is_string:
+            self.values = values.astype(str)
+            self._torch_values: torch.Tensor | None = None
+        else:
+            self._torch_values = torch.as_tensor(values.astype(np.int64))
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+    def take(self, positions: torch.Tensor) -> Ids:
+        """Ids at row ``positions`` (any shape); position ``-1`` (an empty slot) gives id ``-1`` or ``""``."""
+        flat = positions.detach().cpu()
+        empty = flat < 0
+        safe = flat.clamp(min=0)
+        if self._torch_values is not None:
+            ids = self._torch_values[safe]
+            return ids.masked_fill(empty, -1).to(positions.device)
+        ids_np: np.ndarray = self.values[safe.numpy()]
+        if bool(empty.any()):
+            ids_np = np.where(empty.numpy(), "", ids_np)
+        return ids_np
+
+    def positions_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows holding each of ``ids`` (1-D): returns ``(which_id, row)`` pairs; unknown ids give no pair."""
+        if self._sorted is None:
+            keys = self.values if self.is_string else self.values.astype(np.int64)
+            order = np.argsort(keys, kind="stable")
+            self._sorted = (keys[order], order)
+        keys_sorted, order = self._sorted
+        ids = ids.astype(str) if self.is_string else ids.astype(np.int64)
+        low = np.searchsorted(keys_sorted, ids, side="left")
+        high = np.searchsorted(keys_sorted, ids, side="right")
+        counts = high - low
+        which = np.repeat(np.arange(ids.shape[0]), counts)
+        starts = np.repeat(low - np.cumsum(counts) + counts, counts)
+        rows = order[np.arange(which.shape[0]) + starts]
+        return which, rows
+
+
+def _normalize_exclusions(exclusions: Any, num_queries: int, is_string: bool) -> list[np.ndarray]:
+    """Per-query 1-D arrays of excluded ids, from a ``[nq, E]`` tensor/array or a list of sequences."""
+    if isinstance(exclusions, torch.Tensor):
+        if exclusions.dtype.is_floating_point or exclusions.dtype == torch.bool:
+            raise TypeError(f"exclusions must hold ids (integers or strings), got dtype {exclusions.dtype}")
+        exclusions = exclusions.detach().cpu().numpy()
+    if isinstance(exclusions, np.ndarray):
+        if exclusions.ndim != 2:
+            raise ValueError(f"exclusions must be [num_queries, E], got shape {exclusions.shape}")
+        rows = list(exclusions)
+    elif isinstance(exclusions, Sequence) and not isinstance(exclusions, (str, bytes)):
+        rows = [np.asarray(row).reshape(-1) for row in exclusions]
+    else:
+        raise TypeError(f"exclusions must be a tensor, an array or a list of id sequences, got {type(exclusions)}")
+    if len(rows) != num_queries:
+        raise ValueError(f"exclusions must have one row per query ({num_queries}), got {len(rows)}")
+    for row in rows:
+        if row.size and (row.dtype.kind in "USO") != is_string:
+            kind = "strings" if is_string else "integers"
+            raise TypeError(f"exclusions must hold {kind}, like the index's identifiers, got dtype {row.dtype}")
+    return [np.asarray(row) for row in rows]
+
+
+class TopK(nn.Module, abc.ABC):
+    """Interface of top-K indexes.
+
+    Args:
+        k: default number of results per query (a per-call ``k`` overrides it).
+        query_model: optional module mapping raw query features to embeddings before the search.
+    """
+
+    def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+        self.query_model = query_model
+        self._ids: IdTable | None = None
+
+    @abc.abstractmethod
+    def is_exact(self) -> bool:
+        """Whether the index returns exact results."""
+
+    @abc.abstractmethod
+    def index(self, candidates: torch.Tensor, identifiers: Any = None) -> TopK:
+        """Build the index from candidate embeddings ``[n, d]`` and optional ids (``n`` of them). Returns self."""
+
+    @abc.abstractmethod
+    def _search(
+        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scores [nq, k], row positions [nq, k])``."""
+
+    @property
+    @abc.abstractmethod
+    def num_candidates(self) -> int:
+        """Number of rows in the corpus."""
+
+    @property
+    @abc.abstractmethod
+    def dimension(self) -> int:
+        """Embedding dimension of the corpus."""
+
+    @property
+    def ids(self) -> IdTable:
+        if self._ids is None:
+            raise RuntimeError(f"{type(self).__name__} has not been built: call index(...) or index_from_dataset(...)")
+        return self._ids
+
+    def index_from_dataset(self, dataset: Iterable[Any]) -> TopK:
+        """Build from an iterable of embedding batches ``[b, d]`` or of ``(ids, embeddings)`` batches."""
+        ids_parts: list[np.ndarray] = []
+        embedding_parts: list[torch.Tensor] = []
+        for ids, embeddings in _iterate_batches(dataset):
+            embedding_parts.append(embeddings)
+            if ids is not None:
+                ids_parts.append(ids)
+        if not embedding_parts:
+            raise ValueError("dataset yielded no candidates: the corpus must not be empty")
+        if ids_parts and len(ids_parts) != len(embedding_parts):
+            raise ValueError("dataset must yield ids with every batch or with none")
+        identifiers = np.concatenate(ids_parts) if ids_parts else None
+        return self.index(torch.cat(embedding_parts), identifiers)
+
+    def forward(self, queries: Any, k: int | None = None) -> tuple[torch.Tensor, Ids]:
+        """Top ``k`` candidates of each query.
+
+        Args:
+            queries: ``[nq, d]`` query embeddings, or raw features when the index has a ``query_model``.
+            k: results per query; defaults to the constructor's ``k``; clamped to the corpus size.
+
+        Returns:
+            ``(scores [nq, k], ids [nq, k])`` sorted by descending score.
+        """
+        return self._query(queries, k, None)
+
+    def query_with_exclusions(self, queries: Any, exclusions: Any, k: int | None = None) -> tuple[torch.Tensor, Ids]:
+        """Top ``k`` candidates of each query, leaving out the ids in ``exclusions``.
+
+        Args:
+            queries: as for ``__call__``.
+            exclusions: ``[nq, E]`` ids (tensor or array), or a list of ``nq`` id sequences of any lengths. Ids that
+                are not in the index are ignored, so any such value can pad.
+            k: as for ``__call__``.
+
+        Returns:
+            ``(scores [nq, k], ids [nq, k])``. If fewer than ``k`` candidates remain, the tail holds excluded ones
+            with score ``-inf``.
+        """
+        return self._query(queries, k, exclusions)
+
+    def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Ids]:
+        table = self.ids
+        embeddings = self._embed_queries(queries)
+        k = min(_check_k(self.k if k is None else k), self.num_candidates)
+        positions = None
+        if exclusions is not None:
+            positions = self._exclusion_positions(exclusions, embeddings.shape[0], table)
+        with torch.no_grad():
+            scores, rows = self._search(embeddings, k, positions)
+        return scores, table.take(rows)
+
+    def _embed_queries(self, queries: Any) -> torch.Tensor:
+        if self.query_model is not None:
+            with torch.no_grad():
+                queries = self.query_model(queries)
+        embeddings = require_floating(queries, "queries", (2,))
+        if embeddings.shape[1] != self.dimension:
+            raise ValueError(
+                f"queries have dimension {embeddings.shape[1]} but the index holds {self.dimension}-d candidates"
+            )
+        require_finite(embeddings, "queries")
+        return embeddings.detach()
+
+    @staticmethod
+    def _exclusion_positions(exclusions: Any, num_queries: int, table: IdTable) -> torch.Tensor:
+        per_query = _normalize_exclusions(exclusions, num_queries, table.is_string)
+        lengths = np.array([row.shape[0] for row in per_query])
+        flat = np.concatenate(per_query) if per_query else np.zeros(0, dtype=np.int64)
+        owner = np.repeat(np.arange(num_queries), lengths)
+        which, rows = table.positions_of(flat) if flat.size else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        query_of = owner[which]
+        counts = np.bincount(query_of, minlength=num_queries)
+        width = int(counts.max()) if counts.size else 0
+        positions = np.full((num_queries, max(width, 1)), -1, dtype=np.int64)
+        if query_of.size:
+            order = np.argsort(query_of, kind="stable")
+            query_sorted = query_of[order]
+            slot = np.arange(query_sorted.shape[0]) - (np.cumsum(counts) - counts)[query_sorted]
+            positions[query_sorted, slot] = rows[order]
+        return torch.as_tensor(positions)
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def _iterate_batches(dataset: Iterable[Any]) -> Iterator[tuple[np.ndarray | None, torch.Tensor]]:
+    """Yield ``(ids or None, embeddings [b, d])`` from batches of embeddings or of ``(ids, embeddings)``."""
+    for batch in dataset:
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            ids, embeddings = batch
+            embeddings = require_floating(embeddings, "dataset embeddings", (2,))
+            _, values = encode_ids(ids, "dataset ids", embeddings.shape[0])
+            yield values, embeddings
+        else:
+            yield None, require_floating(batch, "dataset batch", (2,))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision is widened: the kernel's thresholds and sentinels need float32's range.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class BruteForce(TopK):
+    """Exact search over candidates held in memory, with the chunked top-K kernel.
+
+    Args:
+        k: default number of results.
+        query_model: optional module applied to raw query features.
+    """
+
+    def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
+        super().__init__(k, query_model)
+        self.candidates: torch.Tensor | None = None
+
+    def is_exact(self) -> bool:
+        return True
+
+    @property
+    def num_candidates(self) -> int:
+        return 0 if self.candidates is None else int(self.candidates.shape[0])
+
+    @property
+    def dimension(self) -> int:
+        if self.candidates is None:
+            raise RuntimeError("BruteForce has not been built: call index(...) or index_from_dataset(...)")
+        return int(self.candidates.shape[1])
+
+    def index(self, candidates: torch.Tensor, identifiers: Any = None) -> BruteForce:
+        candidates = require_floating(candidates, "candidates", (2,))
+        if candidates.shape[0] == 0:
+            raise ValueError("candidates must hold at least one row: the corpus must not be empty")
+        require_finite(candidates, "candidates")
+        if identifiers is None:
+            values = np.arange(candidates.shape[0], dtype=np.int64)
+        else:
+            _, values = encode_ids(identifiers, "identifiers", candidates.shape[0])
+        self.candidates = candidates.detach().to(_compute_dtype(candidates.dtype)).contiguous()
+        self._ids = IdTable(values)
+        return self
+
+    def _search(
+        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.candidates is not None
+        queries = queries.to(device=self.candidates.device, dtype=self.candidates.dtype)
+        if exclusions is not None:
+            exclusions = exclusions.to(self.candidates.device)
+        return _topk.search_chunks(queries, [(0, self.candidates)], k, exclusions)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the index to ``path`` (safetensors) atomically, with a checksum of its contents."""
+        from safetensors.torch import save
+
+        if self.candidates is None:
+            raise RuntimeError("BruteForce has not been built: nothing to save")
+        tensors = {"candidates": self.candidates.detach().cpu().contiguous()}
+        tensors.update(_ids_to_tensors(self.ids))
+        payload_digest = _digest(tensors)
+        metadata = {
+            "format": "twotower.BruteForce",
+            "version": "1",
+            "k": str(self.k),
+            "sha256": payload_digest,
+        }
+        _atomic_write(Path(path), save(tensors, metadata=metadata))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None,
+    ) -> BruteForce:
+        """Read an index written by :meth:`save`, verifying its format and checksum."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no index file at {path}")
+        data = path.read_bytes()
+        try:
+            tensors = load(data)
+            metadata = _read_metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a valid twotower index file: {error}") from error
+        if metadata.get("format") != "twotower.BruteForce":
+            raise ValueError(f"{path} is not a twotower BruteForce index (format {metadata.get('format')!r})")
+        if _digest(tensors) != metadata.get("sha256"):
+            raise ValueError(f"{path} is corrupt: its contents do not match the checksum written with it")
+        index = cls(k=int(metadata["k"]), query_model=query_model)
+        index.index(tensors["candidates"], _ids_from_tensors(tensors))
+        return index
+
+
+class Streaming(TopK):
+    """Exact search over candidates read batch by batch from an iterable on every query.
+
+    Only a running top-k per query is kept, so the corpus can be larger than memory: pass an iterable that can be
+    iterated several times (a list, a ``DataLoader``, a generator factory wrapped in a class with ``__iter__``).
+
+    Args:
+        k: default number of results.
+        query_model: optional module applied to raw query features.
+    """
+
+    def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
+        super().__init__(k, query_model)
+        self.dataset: Iterable[Any] | None = None
+        self._num_candidates = 0
+        self._dimension = 0
+
+    def is_exact(self) -> bool:
+        return True
+
+    @property
+    def num_candidates(self) -> int:
+        return self._num_candidates
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Streaming:
+        candidates = require_floating(candidates, "candidates", (2,))
+        if identifiers is None:
+            return self.index_from_dataset([candidates])
+        return self.index_from_dataset([(identifiers, candidates)])
+
+    def index_from_dataset(self, dataset: Iterable[Any]) -> Streaming:
+        """Remember ``dataset`` (batches of embeddings or of ``(ids, embeddings)``); read it once to learn its ids.
+
+        Only the ids are kept in memory (8 bytes per integer id); embeddings are read again on every query.
+        """
+        ids_parts: list[np.ndarray] = []
+        count = 0
+        dimension = 0
+        with_ids = None
+        for ids, embeddings in _iterate_batches(dataset):
+            if with_ids is None:
+                with_ids = ids is not None
+            elif with_ids != (ids is not None):
+                raise ValueError("dataset must yield ids with every batch or with none")
+            if dimension and embeddings.shape[1] != dimension:
+                raise ValueError(f"dataset batches must share one dimension, got {dimension} and {embeddings.shape[1]}")
+            dimension = int(embeddings.shape[1])
+            if ids is not None:
+                ids_parts.append(ids)
+            count += int(embeddings.shape[0])
+        if count == 0:
+            raise ValueError("dataset yielded no candidates: the corpus must not be empty")
+        values = np.concatenate(ids_parts) if ids_parts else np.arange(count, dtype=np.int64)
+        self.dataset = dataset
+        self._num_candidates = count
+        self._dimension = dimension
+        self._ids = IdTable(values)
+        return self
+
+    def _search(
+        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.dataset is not None
+        queries = queries.to(_compute_dtype(queries.dtype))
+        return _topk.search_chunks(queries, self._chunks(queries), k, exclusions)
+
+    def _chunks(self, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        assert self.dataset is not None
+        offset = 0
+        for _, embeddings in _iterate_batches(self.dataset):
+            if embeddings.shape[1] != self._dimension:
+                raise ValueError("the dataset changed between index_from_dataset and this query (dimension)")
+            require_finite(embeddings, "candidates from the dataset")
+            yield offset, embeddings.detach().to(device=queries.device, dtype=queries.dtype)
+            offset += int(embeddings.shape[0])
+        if offset != self._num_candidates:
+            raise ValueError(
+                f"the dataset changed between index_from_dataset and this query: it yielded {offset} candidates, "
+                f"{self._num_candidates} expected"
+            )
+
+
+def _ids_to_tensors(table: IdTable) -> dict[str, torch.Tensor]:
+    if not table.is_string:
+        return {"ids": torch.as_tensor(table.values.astype(np.int64))}
+    encoded = [value.encode("utf-8") for value in table.values.tolist()]
+    lengths = np.array([len(value) for value in encoded], dtype=np.int64)
+    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    return {"string_ids_utf8": torch.as_tensor(blob), "string_ids_lengths": torch.as_tensor(lengths)}
+
+
+def _ids_from_tensors(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    if "ids" in tensors:
+        return tensors["ids"].numpy()
+    blob = tensors["string_ids_utf8"].numpy().tobytes()
+    ends = np.cumsum(tensors["string_ids_lengths"].numpy())
+    starts = ends - tensors["string_ids_lengths"].numpy()
+    return np.array([blob[s:e].decode("utf-8") for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        hasher.update(name.encode())
+        hasher.update(str(tensor.dtype).encode())
+        hasher.update(str(tuple(tensor.shape)).encode())
+        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return hasher.hexdigest()
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_length])
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not a mapping")
+    return metadata
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,339 @@
+"""Metrics for retrieval, built on torchmetrics (state, update, compute, reset and distributed sync).
+
+Three families, matching the three metric arguments of :class:`twotower.tasks.Retrieval`:
+
+* loss metrics, updated with the loss value: :class:`LossMean`;
+* batch metrics, updated with ``(labels, logits, sample_weight)`` of the in-batch softmax:
+  :class:`BatchTopKAccuracy`, :class:`BatchAUC`;
+* factorized metrics, updated with ``(query_embeddings, true_candidate_embeddings, true_candidate_ids,
+  sample_weight)`` and ranking the whole corpus: :class:`FactorizedMetric` is their interface.
+
+Every metric reports a dict ``{name: value}`` through :meth:`RetrievalMetric.results`, so a task or a training
+loop can log them without knowing which family they belong to. A weighted mean with no weight (no updates yet)
+is 0, as Keras's ``divide_no_nan`` makes it.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+
+from twotower._checks import encode_ids, require_finite
+from twotower._topk import QUERY_BLOCK
+from twotower.indexes import BruteForce, Ids, Streaming, TopK
+from twotower.losses import MIN_FLOAT
+
+# A logit at or below this was removed from the softmax (accidental hit or score mask) rather than computed.
+_REMOVED_LOGIT = MIN_FLOAT / 2
+
+
+class RetrievalMetric(Metric, abc.ABC):
+    """A torchmetrics ``Metric`` with a name, reporting ``{name: value}`` pairs."""
+
+    full_state_update = False
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+
+    def value(self) -> torch.Tensor:
+        """``compute()``, without torchmetrics' warning when there was no update (the value is then 0)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+            value: torch.Tensor = self.compute()
+        return value
+
+    def results(self) -> dict[str, float]:
+        """Return the metric's current values as ``{name: float}``."""
+        return {self.name: float(self.value())}
+
+
+class _WeightedMean(RetrievalMetric):
+    """A weighted mean accumulated in float64: ``sum(w * x) / sum(w)``, 0 while ``sum(w) == 0``."""
+
+    weighted_sum: torch.Tensor
+    total_weight: torch.Tensor
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.add_state("weighted_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _accumulate(self, values: torch.Tensor, sample_weight: torch.Tensor | None) -> None:
+        values = values.detach().to(torch.float64).reshape(-1)
+        if sample_weight is None:
+            weights = torch.ones_like(values)
+        else:
+            weights = sample_weight.detach().to(device=values.device, dtype=torch.float64).reshape(-1)
+            if weights.shape != values.shape:
+                raise ValueError(f"sample_weight must have shape {tuple(values.shape)}, got {tuple(weights.shape)}")
+        self.weighted_sum += (values * weights).sum()
+        self.total_weight += weights.sum()
+
+    def compute(self) -> torch.Tensor:
+        if float(self.total_weight) == 0.0:
+            return torch.zeros((), dtype=torch.float64, device=self.weighted_sum.device)
+        return self.weighted_sum / self.total_weight
+
+
+class LossMean(_WeightedMean):
+    """Running mean of the loss values it is updated with (one unit weight per update)."""
+
+    def __init__(self, name: str = "loss_mean", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+
+    def update(self, loss: torch.Tensor) -> None:
+        """Add one loss value (a scalar tensor)."""
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        self._accumulate(loss.reshape(1), None)
+
+
+def _check_batch_inputs(labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """Validate in-batch metric inputs; return the positive column of each row, shape ``[nq]``."""
+    if logits.ndim != 2 or labels.shape != logits.shape:
+        raise ValueError(
+            f"labels and logits must both be [num_queries, num_candidates]; got {tuple(labels.shape)} "
+            f"and {tuple(logits.shape)}"
+        )
+    if sample_weight is not None and sample_weight.reshape(-1).shape != (logits.shape[0],):
+        raise ValueError(f"sample_weight must have shape ({logits.shape[0]},), got {tuple(sample_weight.shape)}")
+    return labels.argmax(dim=1)
+
+
+class BatchTopKAccuracy(_WeightedMean):
+    """In-batch top-k accuracy: does the positive rank among the ``k`` highest logits of its row?
+
+    As TensorFlow's ``in_top_k`` (behind Keras's ``TopKCategoricalAccuracy``), ties count in the positive's
+    favour: a row is a hit when fewer than ``k`` logits are strictly greater than the positive's. Rows are
+    averaged with their sample weights.
+    """
+
+    def __init__(self, k: int = 1, name: str | None = None, **kwargs: Any) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        super().__init__(name or f"batch_top_{k}_categorical_accuracy", **kwargs)
+        self.k = k
+
+    def update(self, labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None = None) -> None:
+        """Update with ``labels`` and ``logits`` ``[nq, nc]`` and optional ``sample_weight`` ``[nq]``."""
+        positive_column = _check_batch_inputs(labels, logits, sample_weight)
+        logits = logits.detach()
+        positive_logit = logits.gather(1, positive_column[:, None])
+        num_above = (logits > positive_logit).sum(dim=1)
+        hits = (num_above < self.k) & torch.isfinite(positive_logit[:, 0])
+        self._accumulate(hits, sample_weight)
+
+
+class BatchAUC(_WeightedMean):
+    """Exact in-batch ranking AUC: the probability that the positive outscores a negative of its own row.
+
+    Per row, ``AUC_i = (#negatives below the positive + 0.5 * #tied negatives) / #negatives``, averaged over rows
+    with their sample weights; this is the quantity TFRS's documentation describes for a batch AUC. Unlike
+    Keras's ``AUC`` (200 fixed thresholds on ``sigmoid(logits)``, pooled over rows) it does not saturate when the
+    sampling correction shifts the logits. Columns removed from the softmax (accidental hits, masked scores) are
+    not counted as negatives; a row without negatives is skipped.
+    """
+
+    def __init__(self, name: str = "batch_auc", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+
+    def update(self, labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None = None) -> None:
+        """Update with ``labels`` and ``logits`` ``[nq, nc]`` and optional ``sample_weight`` ``[nq]``."""
+        positive_column = _check_batch_inputs(labels, logits, sample_weight)
+        logits = logits.detach()
+        positive_logit = logits.gather(1, positive_column[:, None])
+        is_negative = torch.ones_like(logits, dtype=torch.bool)
+        is_negative.scatter_(1, positive_column[:, None], False)
+        is_negative &= logits > _REMOVED_LOGIT
+        below = ((logits < positive_logit) & is_negative).sum(dim=1).to(torch.float64)
+        tied = ((logits == positive_logit) & is_negative).sum(dim=1).to(torch.float64)
+        num_negatives = is_negative.sum(dim=1).to(torch.float64)
+        has_negatives = num_negatives > 0
+        auc = (below + 0.5 * tied) / num_negatives.clamp(min=1.0)
+        weights = torch.ones_like(auc) if sample_weight is None else sample_weight.reshape(-1).to(torch.float64)
+        self._accumulate(auc[has_negatives], weights[has_negatives])
+
+
+class FactorizedMetric(RetrievalMetric):
+    """Interface of metrics that rank the whole candidate corpus for each query.
+
+    :class:`twotower.tasks.Retrieval` calls :meth:`update` with the batch's query embeddings ``[nq, d]``, the
+    embeddings of each query's true candidate ``[nq, d]``, their ids (``None``, a 1-D tensor, or a numpy array or
+    sequence of ints or strings, ``nq`` long) and the sample weights ``[nq]`` or ``None``.
+    """
+
+    @abc.abstractmethod
+    def update(
+        self,
+        query_embeddings: torch.Tensor,
+        true_candidate_embeddings: torch.Tensor,
+        true_candidate_ids: Any = None,
+        sample_weight: torch.Tensor | None = None,
+    ) -> None:
+        """Rank the corpus for each query and accumulate the metric."""
+
+
+def check_factorized_inputs(
+    query_embeddings: torch.Tensor,
+    true_candidate_embeddings: torch.Tensor,
+    sample_weight: torch.Tensor | None,
+) -> None:
+    """Validate the arguments of :meth:`FactorizedMetric.update`."""
+    if query_embeddings.ndim != 2:
+        raise ValueError(f"query_embeddings must be 2-D [nq, d], got shape {tuple(query_embeddings.shape)}")
+    if true_candidate_embeddings.shape != query_embeddings.shape:
+        raise ValueError(
+            f"true_candidate_embeddings must have the shape of query_embeddings {tuple(query_embeddings.shape)}, "
+            f"got {tuple(true_candidate_embeddings.shape)}"
+        )
+    require_finite(query_embeddings, "query_embeddings")
+    require_finite(true_candidate_embeddings, "true_candidate_embeddings")
+    if sample_weight is not None and sample_weight.reshape(-1).shape != (query_embeddings.shape[0],):
+        raise ValueError(
+            f"sample_weight must have shape ({query_embeddings.shape[0]},), got {tuple(sample_weight.shape)}"
+        )
+
+
+def _weights_or_ones(sample_weight: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+    if sample_weight is None:
+        return torch.ones(num_rows, dtype=torch.float64)
+    weights = sample_weight.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+    require_finite(weights, "sample_weight")
+    if bool((weights < 0).any()):
+        raise ValueError("sample_weight must be non-negative")
+    return weights
+
+
+def _as_index(candidates: Any, k: int) -> TopK:
+    if isinstance(candidates, TopK):
+        return candidates
+    if isinstance(candidates, torch.Tensor):
+        return BruteForce(k=k).index(candidates)
+    if isinstance(candidates, Iterable):
+        return Streaming(k=k).index_from_dataset(candidates)
+    raise TypeError(
+        "candidates must be a twotower.indexes.TopK index, a [n, d] tensor or an iterable of candidate batches, "
+        f"got {type(candidates).__name__}"
+    )
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(ks)
+    if not values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in values):
+        raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
+    return tuple(sorted(set(values)))
+
+
+def positive_scores(query_embeddings: torch.Tensor, true_candidate_embeddings: torch.Tensor) -> torch.Tensor:
+    """Rowwise ``q_i . c_i`` ``[nq]`` computed with the corpus scan's matrix multiply.
+
+    An elementwise product-sum rounds differently from the matrix multiply that scores the corpus, so a true
+    candidate present in the corpus would outrank its own copy about 4 times in 5 at D = 64. Taking the diagonal
+    of the same blocked ``mm`` reproduces the corpus scan's arithmetic bit for bit.
+    """
+    parts = []
+    for start in range(0, query_embeddings.shape[0], QUERY_BLOCK):
+        queries = query_embeddings[start : start + QUERY_BLOCK]
+        candidates = true_candidate_embeddings[start : start + QUERY_BLOCK]
+        parts.append(torch.mm(queries, candidates.T).diagonal())
+    return torch.cat(parts)
+
+
+class FactorizedTopK(FactorizedMetric):
+    """Top-K categorical accuracy over the whole corpus, with TFRS's exact semantics.
+
+    For each query the index retrieves the ``max(ks)`` best candidates; for each ``k`` in ``ks`` a weighted mean of
+    hits is kept and reported as ``{name}/top_{k}_categorical_accuracy``.
+
+    * Id-based (``true_candidate_ids`` given): a hit at ``k`` if the true id is among the first ``k`` ids.
+    * Score-based (no ids; needs an exact index): a hit at ``k`` if fewer than ``k`` retrieved scores are strictly
+      greater than the true candidate's score, so ties count as hits. The true score is computed with the corpus
+      scan's arithmetic, so an exact copy of the true candidate in the corpus ties with it (TFRS's elementwise
+      product-sum misses about 38% of such copies at D = 64).
+
+    Args:
+        candidates: a :class:`~twotower.indexes.TopK` index, a ``[n, d]`` tensor (a :class:`BruteForce` index is
+            built), or an iterable of candidate batches (wrapped in a :class:`Streaming` index).
+        ks: the cut-offs.
+        name: prefix of the reported names.
+    """
+
+    hits: torch.Tensor
+    total_weight: torch.Tensor
+
+    def __init__(
+        self,
+        candidates: Any,
+        ks: Sequence[int] = (1, 5, 10, 50, 100),
+        name: str = "factorized_top_k",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name, **kwargs)
+        self.ks = _check_ks(ks)
+        self.index = _as_index(candidates, max(self.ks))
+        self.add_state("hits", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        query_embeddings: torch.Tensor,
+        true_candidate_embeddings: torch.Tensor,
+        true_candidate_ids: Any = None,
+        sample_weight: torch.Tensor | None = None,
+    ) -> None:
+        """Retrieve the top ``max(ks)`` for each query ``[nq, d]`` and count hits (see the class docstring)."""
+        check_factorized_inputs(query_embeddings, true_candidate_embeddings, sample_weight)
+        num_queries = query_embeddings.shape[0]
+        weights = _weights_or_ones(sample_weight, num_queries)
+        k_max = max(self.ks)
+        if true_candidate_ids is not None:
+            _, true_ids = encode_ids(true_candidate_ids, "true_candidate_ids", num_queries)
+            _, retrieved = self.index(query_embeddings, k=k_max)
+            matches = _id_matches(retrieved, true_ids)
+            first_k = torch.cumsum(matches, dim=1) > 0
+            hit_at = [first_k[:, min(k, first_k.shape[1]) - 1] for k in self.ks]
+        else:
+            if not self.index.is_exact():
+                raise ValueError("score-based FactorizedTopK needs an exact index: pass true_candidate_ids")
+            scores, _ = self.index(query_embeddings, k=k_max)
+            dtype = scores.dtype
+            positive = positive_scores(
+                query_embeddings.detach().to(device=scores.device, dtype=dtype),
+                true_candidate_embeddings.detach().to(device=scores.device, dtype=dtype),
+            )
+            above = torch.cumsum((scores > positive[:, None]).to(torch.int64), dim=1)
+            hit_at = [above[:, min(k, above.shape[1]) - 1] < k for k in self.ks]
+        hits = torch.stack([hit.detach().cpu().to(torch.float64) for hit in hit_at], dim=1)
+        self.hits += (hits * weights[:, None]).sum(dim=0).to(self.hits.device)
+        self.total_weight += weights.sum().to(self.total_weight.device)
+
+    def compute(self) -> torch.Tensor:
+        """``[len(ks)]`` accuracies (0 before any update)."""
+        if float(self.total_weight) == 0.0:
+            return torch.zeros_like(self.hits)
+        return self.hits / self.total_weight
+
+    def results(self) -> dict[str, float]:
+        values = self.value().reshape(-1).tolist()
+        return {f"{self.name}/top_{k}_categorical_accuracy": value for k, value in zip(self.ks, values, strict=True)}
+
+
+def _id_matches(retrieved: Ids, true_ids: np.ndarray) -> torch.Tensor:
+    """``[nq, k]`` bool: does retrieved id ``[i, j]`` equal ``true_ids[i]``?"""
+    if isinstance(retrieved, torch.Tensor):
+        if true_ids.dtype.kind not in "iu":
+            raise TypeError("true_candidate_ids must be integers, like the index's identifiers")
+        truth = torch.as_tensor(true_ids.astype(np.int64), device=retrieved.device)
+        return (retrieved == truth[:, None]).cpu()
+    if true_ids.dtype.kind not in "USO":
+        raise TypeError("true_candidate_ids must be strings, like the index's identifiers")
+    return torch.as_tensor(retrieved == true_ids.astype(str)[:, None])

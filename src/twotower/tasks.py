@@ -1,0 +1,300 @@
+"""The retrieval task: in-batch softmax loss and metrics for two-tower models, equal to TFRS's.
+
+:class:`Retrieval` reproduces ``tfrs.tasks.Retrieval`` (TensorFlow Recommenders 0.7.7) operation for operation, so
+that the same embeddings and options give the same loss and metrics to float32 precision. Where TFRS's code
+contradicts its own documentation, :class:`Retrieval` does what the documentation promises; each such place is
+listed in the class docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from twotower._checks import as_float_vector, encode_ids, require_finite, require_floating, require_shape
+from twotower.losses import (
+    MIN_FLOAT,
+    HardNegativeMining,
+    Reduction,
+    RemoveAccidentalHits,
+    SamplingProbabilityCorrection,
+    SoftmaxCrossEntropy,
+)
+from twotower.metrics import FactorizedMetric, RetrievalMetric
+
+#: ``loss(labels, logits, sample_weight) -> scalar``, the signature of a Keras loss.
+LossFunction = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _as_metric_list(value: Any, name: str) -> list[RetrievalMetric]:
+    if value is None:
+        return []
+    metrics = [value] if isinstance(value, RetrievalMetric) else list(value)
+    for metric in metrics:
+        if not isinstance(metric, RetrievalMetric):
+            raise TypeError(f"{name} must hold twotower.metrics.RetrievalMetric objects, got {type(metric).__name__}")
+    return metrics
+
+
+class Retrieval(nn.Module):
+    """A factorized retrieval task: the in-batch softmax loss of a two-tower model, with its metrics.
+
+    Row ``i`` of the query embeddings was paired with row ``i`` of the candidate embeddings by the user; every
+    other candidate of the batch is a negative for it. Candidates beyond the number of queries are extra negatives
+    shared by all queries.
+
+    Args:
+        loss: ``loss(labels, logits, sample_weight) -> scalar``. Defaults to :class:`SoftmaxCrossEntropy` with
+            ``reduction``.
+        metrics: a :class:`~twotower.metrics.FactorizedMetric` or a sequence of them, ranking the whole corpus.
+        batch_metrics: metrics updated with ``(labels, logits, sample_weight)`` of the processed in-batch logits.
+        loss_metrics: metrics updated with the loss value.
+        temperature: the logits are divided by it; must be a finite number > 0.
+        num_hard_negatives: keep only the positive and this many highest-scoring negatives per row.
+        remove_accidental_hits: push negatives sharing the positive's id out of the softmax (needs
+            ``candidate_ids``).
+        name: the task's name.
+        reduction: ``"sum"`` (TFRS's default: the weighted sum of the per-query losses) or ``"mean"`` (that sum
+            divided by the number of queries). Ignored when ``loss`` is given.
+        check_finite: check embeddings for NaN/inf on every call (one device synchronisation per call).
+
+    Differences from TFRS 0.7.7, where we follow TFRS's documentation rather than its code:
+
+    * ``num_hard_negatives <= 0`` keeps every negative (TFRS's code keeps only the positive for 0, so its loss
+      is 0, and fails for negative values).
+    * With ``candidate_ids`` and extra negatives (``nc > nq``), the factorized metrics receive the ids of the
+      positives, ``candidate_ids[:nq]`` (TFRS passes all ``nc`` ids and fails).
+    * A single metric object is accepted for ``metrics`` (as TFRS's constructor does) and never dropped.
+
+    Beyond TFRS: ``score_mask`` is validated, sample weights must be non-negative, and probabilities must lie in
+    ``[0, 1]`` (TFRS clips anything).
+    """
+
+    def __init__(
+        self,
+        loss: LossFunction | None = None,
+        metrics: FactorizedMetric | Sequence[FactorizedMetric] | None = None,
+        batch_metrics: Iterable[RetrievalMetric] | None = None,
+        loss_metrics: Iterable[RetrievalMetric] | None = None,
+        temperature: float | None = None,
+        num_hard_negatives: int | None = None,
+        remove_accidental_hits: bool = False,
+        name: str | None = None,
+        *,
+        reduction: Reduction = "sum",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if temperature is not None:
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+                raise TypeError(f"temperature must be a number or None, got {type(temperature).__name__}")
+            if not math.isfinite(temperature) or temperature <= 0:
+                raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if not isinstance(remove_accidental_hits, bool):
+            raise TypeError(f"remove_accidental_hits must be a bool, got {type(remove_accidental_hits).__name__}")
+        if loss is not None and not callable(loss):
+            raise TypeError(f"loss must be callable as loss(labels, logits, sample_weight), got {type(loss).__name__}")
+        self.loss_fn: LossFunction = loss if loss is not None else SoftmaxCrossEntropy(reduction)
+        self.temperature = None if temperature is None else float(temperature)
+        self.num_hard_negatives = num_hard_negatives
+        self.hard_negative_mining = HardNegativeMining(num_hard_negatives) if num_hard_negatives is not None else None
+        self.remove_accidental_hits = remove_accidental_hits
+        self.accidental_hits = RemoveAccidentalHits()
+        self.sampling_correction = SamplingProbabilityCorrection()
+        self.name = name or "retrieval"
+        self.check_finite = check_finite
+        self.factorized_metrics = nn.ModuleList(_as_metric_list(metrics, "metrics"))
+        for metric in self.factorized_metrics:
+            if not isinstance(metric, FactorizedMetric):
+                raise TypeError(f"metrics must be FactorizedMetric objects, got {type(metric).__name__}")
+        self.batch_metrics = nn.ModuleList(_as_metric_list(batch_metrics, "batch_metrics"))
+        self.loss_metrics = nn.ModuleList(_as_metric_list(loss_metrics, "loss_metrics"))
+
+    def set_factorized_metrics(self, metrics: FactorizedMetric | Sequence[FactorizedMetric] | None) -> None:
+        """Replace the factorized metrics (one metric or a sequence; TFRS drops a single one set this way)."""
+        new = _as_metric_list(metrics, "metrics")
+        for metric in new:
+            if not isinstance(metric, FactorizedMetric):
+                raise TypeError(f"metrics must be FactorizedMetric objects, got {type(metric).__name__}")
+        self.factorized_metrics = nn.ModuleList(new)
+
+    def all_metrics(self) -> list[RetrievalMetric]:
+        """Every metric of the task: loss metrics, then batch metrics, then factorized metrics."""
+        return [*self._loss_metrics(), *self._batch_metrics(), *self._factorized_metrics()]
+
+    def _loss_metrics(self) -> list[RetrievalMetric]:
+        return [metric for metric in self.loss_metrics if isinstance(metric, RetrievalMetric)]
+
+    def _batch_metrics(self) -> list[RetrievalMetric]:
+        return [metric for metric in self.batch_metrics if isinstance(metric, RetrievalMetric)]
+
+    def _factorized_metrics(self) -> list[FactorizedMetric]:
+        return [metric for metric in self.factorized_metrics if isinstance(metric, FactorizedMetric)]
+
+    def metric_results(self) -> dict[str, float]:
+        """The current value of every metric, ``{name: value}``."""
+        results: dict[str, float] = {}
+        for metric in self.all_metrics():
+            results.update(metric.results())
+        return results
+
+    def reset_metrics(self) -> None:
+        """Reset every metric's state."""
+        for metric in self.all_metrics():
+            metric.reset()
+
+    def compute_logits(
+        self,
+        query_embeddings: torch.Tensor,
+        candidate_embeddings: torch.Tensor,
+        candidate_sampling_probability: Any = None,
+        candidate_ids: Any = None,
+        score_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-7 of the task: the processed in-batch logits and their labels.
+
+        Args:
+            query_embeddings: ``[nq, d]``, or ``[nq, heads, d]`` (each query scored by its best head).
+            candidate_embeddings: ``[nc, d]`` with ``nc >= nq``; row ``i < nq`` is query ``i``'s positive.
+            candidate_sampling_probability: ``[nc]`` probabilities in ``[0, 1]`` (clipped below at 1e-6).
+            candidate_ids: ``[nc]`` ids (integers or strings), required by ``remove_accidental_hits``.
+            score_mask: ``[nq, nc]`` bool; ``False`` removes the score from the softmax.
+
+        Returns:
+            ``(logits, labels)``, both ``[nq, nc]``, or ``[nq, n + 1]`` with ``num_hard_negatives = n``.
+            Half-precision embeddings give float32 logits.
+        """
+        queries, candidates = self._check_embeddings(query_embeddings, candidate_embeddings)
+        num_queries, num_candidates = queries.shape[0], candidates.shape[0]
+        if queries.ndim == 3:
+            scores = torch.einsum("qhd,cd->qhc", queries, candidates).amax(dim=1)
+        else:
+            scores = queries @ candidates.T
+        labels = torch.eye(num_queries, num_candidates, dtype=scores.dtype, device=scores.device)
+        if self.temperature is not None:
+            scores = scores / self.temperature
+        if candidate_sampling_probability is not None:
+            probability = as_float_vector(
+                candidate_sampling_probability,
+                "candidate_sampling_probability",
+                num_candidates,
+                scores.device,
+                scores.dtype,
+            )
+            if bool(((probability < 0) | (probability > 1)).any()):
+                raise ValueError("candidate_sampling_probability must lie in [0, 1]")
+            scores = self.sampling_correction(scores, probability)
+        if self.remove_accidental_hits:
+            if candidate_ids is None:
+                raise ValueError("remove_accidental_hits=True requires candidate_ids")
+            codes, _ = encode_ids(candidate_ids, "candidate_ids", num_candidates)
+            scores = self.accidental_hits(labels, scores, codes.to(scores.device))
+        elif candidate_ids is not None:
+            encode_ids(candidate_ids, "candidate_ids", num_candidates)
+        if score_mask is not None:
+            if not isinstance(score_mask, torch.Tensor) or score_mask.dtype != torch.bool:
+                raise TypeError("score_mask must be a torch.bool tensor")
+            require_shape(score_mask, "score_mask", (num_queries, num_candidates))
+            scores = torch.where(score_mask.to(scores.device), scores, torch.full_like(scores, MIN_FLOAT))
+        if self.hard_negative_mining is not None:
+            scores, labels = self.hard_negative_mining(scores, labels)
+        return scores, labels
+
+    def forward(
+        self,
+        query_embeddings: torch.Tensor,
+        candidate_embeddings: torch.Tensor,
+        sample_weight: Any = None,
+        candidate_sampling_probability: Any = None,
+        candidate_ids: Any = None,
+        compute_metrics: bool = True,
+        compute_batch_metrics: bool = True,
+        score_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the loss and update the metrics.
+
+        Args:
+            query_embeddings: ``[nq, d]`` (or ``[nq, heads, d]``) query representations.
+            candidate_embeddings: ``[nc, d]`` candidate representations, ``nc >= nq``; rows ``nq..nc-1`` are
+                extra negatives shared by every query.
+            sample_weight: ``[nq]`` non-negative weights of the queries.
+            candidate_sampling_probability: ``[nc]`` sampling probabilities for the logQ correction.
+            candidate_ids: ``[nc]`` candidate ids (integer tensor, or a sequence/array of ints or strings). Used to
+                remove accidental hits, and makes the factorized metrics id-based.
+            compute_metrics: update the factorized metrics (costly: they rank the whole corpus).
+            compute_batch_metrics: update the batch metrics. Loss metrics are always updated.
+            score_mask: ``[nq, nc]`` bool; ``False`` entries are removed from the softmax.
+
+        Returns:
+            The scalar loss, differentiable with respect to both embeddings.
+        """
+        logits, labels = self.compute_logits(
+            query_embeddings, candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask
+        )
+        num_queries = query_embeddings.shape[0]
+        weight = None
+        if sample_weight is not None:
+            weight = as_float_vector(sample_weight, "sample_weight", num_queries, logits.device, logits.dtype)
+            if bool((weight < 0).any()):
+                raise ValueError("sample_weight must be non-negative")
+        loss = self.loss_fn(labels, logits, weight)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("loss must return a scalar tensor")
+
+        with torch.no_grad():
+            for metric in self._loss_metrics():
+                metric.update(loss.detach())
+            if compute_metrics and self.factorized_metrics and query_embeddings.ndim == 2:
+                true_ids = None
+                if candidate_ids is not None:
+                    true_ids = candidate_ids[:num_queries]
+                for metric in self._factorized_metrics():
+                    metric.update(
+                        query_embeddings.detach(),
+                        candidate_embeddings[:num_queries].detach(),
+                        true_ids,
+                        weight,
+                    )
+            if compute_batch_metrics:
+                for metric in self._batch_metrics():
+                    metric.update(labels, logits.detach(), weight)
+        return loss
+
+    def _check_embeddings(
+        self, query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = require_floating(query_embeddings, "query_embeddings", (2, 3))
+        candidates = require_floating(candidate_embeddings, "candidate_embeddings", (2,))
+        if queries.dtype != candidates.dtype:
+            raise TypeError(
+                f"query_embeddings and candidate_embeddings must share a dtype, got {queries.dtype} "
+                f"and {candidates.dtype}"
+            )
+        if queries.device != candidates.device:
+            raise ValueError(
+                f"query_embeddings and candidate_embeddings must be on one device, got {queries.device} "
+                f"and {candidates.device}"
+            )
+        if queries.shape[-1] != candidates.shape[-1]:
+            raise ValueError(
+                f"query_embeddings and candidate_embeddings must have the same embedding dimension, got "
+                f"{queries.shape[-1]} and {candidates.shape[-1]}"
+            )
+        if queries.shape[0] == 0:
+            raise ValueError("query_embeddings must hold at least one query, got 0 rows")
+        if candidates.shape[0] < queries.shape[0]:
+            raise ValueError(
+                f"candidate_embeddings must have at least as many rows as query_embeddings (one positive per "
+                f"query, then extra negatives), got {candidates.shape[0]} < {queries.shape[0]}"
+            )
+        if self.check_finite:
+            require_finite(queries, "query_embeddings")
+            require_finite(candidates, "candidate_embeddings")
+        if queries.dtype in (torch.float16, torch.bfloat16):
+            # Half precision cannot hold the removal constants (about 3.4e36) nor a stable softmax.
+            queries, candidates = queries.float(), candidates.float()
+        return queries, candidates
