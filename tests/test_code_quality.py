@@ -17,12 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
     reason="ruff is not installed (pip install -e '.[test]')",
 )
 def test_ruff_is_clean() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    paths = [name for name in ("src", "tests", "benchmarks") if (ROOT / name).is_dir()]
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", *paths], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
