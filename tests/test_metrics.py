@@ -106,3 +106,62 @@ def test_factorized_bad_input() -> None:
         FactorizedTopK(torch.randn(10, 3), ks=(0,))
     with pytest.raises(TypeError, match="candidates"):
         FactorizedTopK(3.0)
+
+
+def test_corpus_ranking_by_hand() -> None:
+    """Scores order items 0 > 1 > 2 > 3 > 4 for every query (corpus scores 5, 4, 3, 2, 1)."""
+    from twotower import CorpusRanking
+
+    corpus = torch.tensor([[5.0], [4.0], [3.0], [2.0], [1.0]])
+    metric = CorpusRanking(BruteForce().index(corpus, ["a", "b", "c", "d", "e"]), ks=(1, 3))
+    queries = torch.ones(3, 1)
+    relevant = [["b", "d"], ["a"], ["e", "c", "zzz"]]
+    # Query 0 excludes "a": ranking b, c, d, e. Query 2 excludes "c": ranking a, b, d, e.
+    metric.update(queries, relevant, exclusions=[["a"], [], ["c"]], sample_weight=torch.tensor([1.0, 1.0, 2.0]))
+    log2 = np.log2
+    per_query = {
+        # hit@1, recall@1, precision@1, ndcg@1, hit@3, recall@3, precision@3, ndcg@3, mrr
+        0: [1, 1 / 2, 1, 1, 1, 2 / 2, 2 / 3, (1 + 1 / log2(4)) / (1 + 1 / log2(3)), 1],
+        1: [1, 1, 1, 1, 1, 1, 1 / 3, 1, 1],
+        # relevant {e, c, zzz} (3 items); c excluded, top 3 = a, b, d: no hit within 3; e is at rank 4.
+        2: [0, 0, 0, 0, 0, 0, 0, 0, 1 / 4],
+    }
+    weights = {0: 1.0, 1: 1.0, 2: 2.0}
+    names = [
+        "corpus/hit_rate@1", "corpus/recall@1", "corpus/precision@1", "corpus/ndcg@1",
+        "corpus/hit_rate@3", "corpus/recall@3", "corpus/precision@3", "corpus/ndcg@3", "corpus/mrr",
+    ]  # fmt: skip
+    results = metric.results()
+    for column, name in enumerate(names):
+        expected = sum(weights[q] * per_query[q][column] for q in per_query) / 4.0
+        if name == "corpus/mrr":
+            # MRR looks within max(ks) = 3 only: query 2's hit at rank 4 does not count.
+            expected = (1.0 + 1.0 + 0.0) / 4.0
+        assert results[name] == pytest.approx(expected), name
+
+
+def test_corpus_ranking_against_numpy_reference() -> None:
+    from twotower import CorpusRanking
+
+    rng = np.random.default_rng(11)
+    corpus = rng.normal(size=(500, 8)).astype(np.float32)
+    queries = rng.normal(size=(40, 8)).astype(np.float32)
+    relevant = [rng.choice(500, size=rng.integers(1, 8), replace=False) for _ in range(40)]
+    seen = [rng.choice(500, size=rng.integers(0, 30), replace=False) for _ in range(40)]
+    metric = CorpusRanking(torch.as_tensor(corpus), ks=(5, 20))
+    metric.update(torch.as_tensor(queries), relevant, exclusions=seen)
+    scores = queries.astype(np.float64) @ corpus.T.astype(np.float64)
+    recall, ndcg = {5: [], 20: []}, {5: [], 20: []}
+    for i in range(40):
+        ranking = [j for j in np.argsort(-scores[i], kind="stable") if j not in set(seen[i])]
+        for k in (5, 20):
+            top = ranking[:k]
+            hits = [1.0 if j in set(relevant[i]) else 0.0 for j in top]
+            recall[k].append(sum(hits) / len(relevant[i]))
+            dcg = sum(h / np.log2(r + 2) for r, h in enumerate(hits))
+            idcg = sum(1 / np.log2(r + 2) for r in range(min(len(relevant[i]), k)))
+            ndcg[k].append(dcg / idcg)
+    results = metric.results()
+    for k in (5, 20):
+        assert results[f"corpus/recall@{k}"] == pytest.approx(np.mean(recall[k]), rel=1e-9)
+        assert results[f"corpus/ndcg@{k}"] == pytest.approx(np.mean(ndcg[k]), rel=1e-9)

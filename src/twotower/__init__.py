@@ -15,7 +15,7 @@ from twotower.losses import (
     SamplingProbabilityCorrection,
     SoftmaxCrossEntropy,
 )
-from twotower.metrics import BatchAUC, BatchTopKAccuracy, FactorizedMetric, FactorizedTopK, LossMean
+from twotower.metrics import BatchAUC, BatchTopKAccuracy, CorpusRanking, FactorizedMetric, FactorizedTopK, LossMean
 from twotower.tasks import Retrieval
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "BatchAUC",
     "BatchTopKAccuracy",
     "BruteForce",
+    "CorpusRanking",
     "FactorizedMetric",
     "FactorizedTopK",
     "HardNegativeMining",

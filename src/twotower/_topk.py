@@ -44,6 +44,11 @@ class RunningTopK:
         self.values = torch.full((num_queries, k), float("-inf"), device=device, dtype=dtype)
         # Position -1 marks an empty slot; it can only survive if fewer than k candidates were seen.
         self.positions = torch.full((num_queries, k), -1, device=device, dtype=torch.int64)
+        # Candidates that beat the threshold wait here and are merged in batches: a merge (a sort) costs far more
+        # than the few extra candidates a slightly stale threshold lets through.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_count = 0
+        self._pending_limit = max(4096, 8 * num_queries)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -69,13 +74,29 @@ class RunningTopK:
             keep = values > threshold[rows[:, 0]]
             rows, columns, values = rows[keep], members[keep], values[keep]
             # Sort by (row, column) so that within a row candidates stay in position order for stable merging.
-            order = torch.argsort(rows * width + columns)
-            self._merge_sparse(rows[order], columns[order] + offset, values[order])
+            self._pending.append((rows, columns + offset, values))
+            self._pending_count += rows.numel()
+            if self._pending_count > self._pending_limit:
+                self.flush()
         else:
             self._merge_dense(scores, offset)
 
+    def flush(self) -> None:
+        """Merge the pending candidates into the running top-k (call before reading ``values``/``positions``)."""
+        if not self._pending:
+            return
+        rows = torch.cat([part[0] for part in self._pending])
+        positions = torch.cat([part[1] for part in self._pending])
+        values = torch.cat([part[2] for part in self._pending])
+        self._pending.clear()
+        self._pending_count = 0
+        # Sort by (row, position) so that within a row candidates are in position order for the stable merge.
+        order = torch.argsort(rows * (int(positions.max()) + 1) + positions)
+        self._merge_sparse(rows[order], positions[order], values[order])
+
     def _merge_dense(self, scores: torch.Tensor, offset: int) -> None:
         """Merge a whole chunk: its own top-k (with every tie at the k-th value) joins the running top-k."""
+        self.flush()
         width = scores.shape[1]
         if width > self.k:
             kth = torch.topk(scores, self.k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
@@ -159,6 +180,8 @@ def search_chunks(
                     if high > low:
                         scores[ex_rows[low:high], ex_positions[low:high] - piece_offset] = EXCLUDED_SCORE
                 state.update(scores, piece_offset)
+    for state in states:
+        state.flush()
     values = torch.cat([state.values for state in states]) if states else queries.new_zeros((0, k))
     positions = (
         torch.cat([state.positions for state in states])

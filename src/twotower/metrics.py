@@ -337,3 +337,136 @@ def _id_matches(retrieved: Ids, true_ids: np.ndarray) -> torch.Tensor:
     if true_ids.dtype.kind not in "USO":
         raise TypeError("true_candidate_ids must be strings, like the index's identifiers")
     return torch.as_tensor(retrieved == true_ids.astype(str)[:, None])
+
+
+def _relevance_matrix(retrieved: Ids, relevant: list[np.ndarray]) -> torch.Tensor:
+    """``[nq, k]`` bool: is retrieved id ``[i, j]`` one of query ``i``'s relevant ids?"""
+    retrieved_np = retrieved.detach().cpu().numpy() if isinstance(retrieved, torch.Tensor) else retrieved
+    num_queries, width = retrieved_np.shape
+    lengths = np.array([row.shape[0] for row in relevant], dtype=np.int64)
+    flat_relevant = np.concatenate(relevant) if relevant else np.zeros(0, dtype=retrieved_np.dtype)
+    if flat_relevant.size and retrieved_np.dtype.kind in "USO":
+        flat_relevant, flat_retrieved = flat_relevant.astype(str), retrieved_np.astype(str).reshape(-1)
+    else:
+        flat_retrieved = retrieved_np.reshape(-1)
+    # One vocabulary for both sides, then (query, id) keys: membership is a single sorted lookup.
+    vocabulary, codes = np.unique(np.concatenate([flat_retrieved, flat_relevant]), return_inverse=True)
+    size = max(len(vocabulary), 1)
+    retrieved_keys = np.repeat(np.arange(num_queries), width) * size + codes[: flat_retrieved.shape[0]]
+    relevant_keys = np.repeat(np.arange(num_queries), lengths) * size + codes[flat_retrieved.shape[0] :]
+    return torch.as_tensor(np.isin(retrieved_keys, relevant_keys).reshape(num_queries, width))
+
+
+def _per_query_ids(values: Any, num_queries: int, name: str) -> list[np.ndarray]:
+    """Ragged ids: a ``[nq, R]`` tensor/array or a list of ``nq`` sequences."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        rows = list(values)
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        rows = [np.asarray(row).reshape(-1) for row in values]
+    else:
+        raise TypeError(f"{name} must be a [num_queries, R] tensor/array or a list of id sequences")
+    if len(rows) != num_queries:
+        raise ValueError(f"{name} must have one row per query ({num_queries}), got {len(rows)}")
+    return rows
+
+
+class CorpusRanking(RetrievalMetric):
+    """Recall@K, Precision@K, NDCG@K, hit rate@K and MRR over the whole corpus, in one retrieval pass.
+
+    Unlike :class:`FactorizedTopK`, a query may have several relevant items, and items can be excluded per query
+    (for example those the user interacted with in training), as is usual in offline evaluation.
+
+    Per query with relevant set ``R`` and ranked list ``r_1..r_K`` (exclusions removed):
+
+    * ``hit_rate@k = 1[any r_j in R, j <= k]``
+    * ``recall@k = |{r_j in R, j <= k}| / |R|``
+    * ``precision@k = |{r_j in R, j <= k}| / k``
+    * ``ndcg@k = DCG / IDCG`` with ``DCG = sum_{j<=k, r_j in R} 1 / log2(j + 1)`` and ``IDCG`` the DCG of
+      ``min(|R|, k)`` hits at the top
+    * ``mrr = 1 / rank`` of the first relevant item within ``max(ks)``, 0 if none.
+
+    Queries are averaged with their sample weights; a query with no relevant item is skipped.
+    Names are ``{name}/recall@{k}`` etc. and ``{name}/mrr``.
+
+    Args:
+        candidates: a :class:`~twotower.indexes.TopK` index, a ``[n, d]`` tensor, or an iterable of batches.
+        ks: the cut-offs.
+        name: prefix of the reported names.
+    """
+
+    sums: torch.Tensor
+    total_weight: torch.Tensor
+
+    def __init__(self, candidates: Any, ks: Sequence[int] = (10, 50, 100), name: str = "corpus", **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.ks = _check_ks(ks)
+        self.index = _as_index(candidates, max(self.ks))
+        # Rows: hit rate, recall, precision, ndcg per k; then mrr.
+        self.add_state("sums", default=torch.zeros(4 * len(self.ks) + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(
+        self,
+        query_embeddings: torch.Tensor,
+        relevant_ids: Any,
+        exclusions: Any = None,
+        sample_weight: torch.Tensor | None = None,
+    ) -> None:
+        """Rank the corpus for ``query_embeddings`` ``[nq, d]`` and accumulate.
+
+        Args:
+            query_embeddings: ``[nq, d]``.
+            relevant_ids: per query, the relevant ids: a list of ``nq`` sequences, or a ``[nq, R]`` array.
+            exclusions: per query, ids to leave out of the ranking (same forms), or ``None``.
+            sample_weight: ``[nq]`` non-negative weights.
+        """
+        if query_embeddings.ndim != 2:
+            raise ValueError(f"query_embeddings must be 2-D [nq, d], got shape {tuple(query_embeddings.shape)}")
+        num_queries = query_embeddings.shape[0]
+        relevant = _per_query_ids(relevant_ids, num_queries, "relevant_ids")
+        weights = _weights_or_ones(sample_weight, num_queries)
+        k_max = max(self.ks)
+        if exclusions is None:
+            _, retrieved = self.index(query_embeddings, k=k_max)
+        else:
+            _, retrieved = self.index.query_with_exclusions(query_embeddings, exclusions, k=k_max)
+        hits = _relevance_matrix(retrieved, relevant).to(torch.float64)
+        width = hits.shape[1]
+        num_relevant = torch.tensor([len(np.unique(row)) for row in relevant], dtype=torch.float64)
+        discounts = 1.0 / torch.log2(torch.arange(2, width + 2, dtype=torch.float64))
+        cumulative_hits = torch.cumsum(hits, dim=1)
+        cumulative_gain = torch.cumsum(hits * discounts, dim=1)
+        columns = []
+        for k in self.ks:
+            last = min(k, width) - 1
+            found = cumulative_hits[:, last]
+            # IDCG: min(|R|, k) hits at the top; the ideal list may be longer than what was retrieved.
+            ideal_length = torch.minimum(num_relevant, torch.tensor(float(k))).clamp(min=1).long()
+            ideal = (1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))).cumsum(0)[ideal_length - 1]
+            columns += [
+                (found > 0).to(torch.float64),
+                found / num_relevant.clamp(min=1),
+                found / k,
+                cumulative_gain[:, last] / ideal,
+            ]
+        first_hit = torch.where(hits.any(dim=1), hits.argmax(dim=1).to(torch.float64) + 1, torch.inf)
+        columns.append(1.0 / first_hit)
+        values = torch.stack(columns, dim=1)
+        has_relevant = num_relevant > 0
+        weights = weights * has_relevant
+        self.sums += (values * weights[:, None]).sum(dim=0).to(self.sums.device)
+        self.total_weight += weights.sum().to(self.total_weight.device)
+
+    def compute(self) -> torch.Tensor:
+        """``[4 * len(ks) + 1]``: hit rate, recall, precision, ndcg for each k, then mrr (0 before updates)."""
+        if float(self.total_weight) == 0.0:
+            return torch.zeros_like(self.sums)
+        return self.sums / self.total_weight
+
+    def results(self) -> dict[str, float]:
+        values = self.value().reshape(-1).tolist()
+        names = [f"{self.name}/{metric}@{k}" for k in self.ks for metric in ("hit_rate", "recall", "precision", "ndcg")]
+        names.append(f"{self.name}/mrr")
+        return dict(zip(names, values, strict=True))
