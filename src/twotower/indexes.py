@@ -155,6 +155,14 @@ class TopK(nn.Module, abc.ABC):
             raise RuntimeError(f"{type(self).__name__} has not been built: call index(...) or index_from_dataset(...)")
         return self._ids
 
+    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Rowwise ``q_i . c_i`` ``[n]`` computed with the arithmetic of this index's search.
+
+        A candidate scored this way ties exactly with its own copy in the corpus, which score-based metrics need.
+        """
+        dtype = _compute_dtype(queries.dtype)
+        return _topk.pair_scores(queries.detach().to(dtype), candidates.detach().to(device=queries.device, dtype=dtype))
+
     def index_from_dataset(self, dataset: Iterable[Any]) -> TopK:
         """Build from an iterable of embedding batches ``[b, d]`` or of ``(ids, embeddings)`` batches."""
         ids_parts: list[np.ndarray] = []
@@ -307,7 +315,8 @@ class BruteForce(TopK):
         queries = queries.to(device=self.candidates.device, dtype=self.candidates.dtype)
         if exclusions is not None:
             exclusions = exclusions.to(self.candidates.device)
-        return _topk.search_chunks(queries, [(0, self.candidates)], k, exclusions)
+        candidates = self.candidates
+        return _topk.search_chunks(queries, lambda: [(0, candidates)], k, exclusions)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to ``path`` (safetensors) atomically, with a checksum of its contents."""
@@ -422,7 +431,7 @@ class Streaming(TopK):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.dataset is not None
         queries = queries.to(_compute_dtype(queries.dtype))
-        return _topk.search_chunks(queries, self._chunks(queries), k, exclusions)
+        return _topk.search_chunks(queries, lambda: self._chunks(queries), k, exclusions)
 
     def _chunks(self, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         assert self.dataset is not None

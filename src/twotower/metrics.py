@@ -25,7 +25,6 @@ import torch
 from torchmetrics import Metric
 
 from twotower._checks import encode_ids, require_finite
-from twotower._topk import QUERY_BLOCK
 from twotower.indexes import BruteForce, Ids, Streaming, TopK
 from twotower.losses import MIN_FLOAT
 
@@ -233,21 +232,6 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-def positive_scores(query_embeddings: torch.Tensor, true_candidate_embeddings: torch.Tensor) -> torch.Tensor:
-    """Rowwise ``q_i . c_i`` ``[nq]`` computed with the corpus scan's matrix multiply.
-
-    An elementwise product-sum rounds differently from the matrix multiply that scores the corpus, so a true
-    candidate present in the corpus would outrank its own copy about 4 times in 5 at D = 64. Taking the diagonal
-    of the same blocked ``mm`` reproduces the corpus scan's arithmetic bit for bit.
-    """
-    parts = []
-    for start in range(0, query_embeddings.shape[0], QUERY_BLOCK):
-        queries = query_embeddings[start : start + QUERY_BLOCK]
-        candidates = true_candidate_embeddings[start : start + QUERY_BLOCK]
-        parts.append(torch.mm(queries, candidates.T).diagonal())
-    return torch.cat(parts)
-
-
 class FactorizedTopK(FactorizedMetric):
     """Top-K categorical accuracy over the whole corpus, with TFRS's exact semantics.
 
@@ -305,11 +289,8 @@ class FactorizedTopK(FactorizedMetric):
             if not self.index.is_exact():
                 raise ValueError("score-based FactorizedTopK needs an exact index: pass true_candidate_ids")
             scores, _ = self.index(query_embeddings, k=k_max)
-            dtype = scores.dtype
-            positive = positive_scores(
-                query_embeddings.detach().to(device=scores.device, dtype=dtype),
-                true_candidate_embeddings.detach().to(device=scores.device, dtype=dtype),
-            )
+            # Same arithmetic as the corpus scan: an exact copy of the true candidate ties with it.
+            positive = self.index.score_pairs(query_embeddings, true_candidate_embeddings).to(scores.device)
             above = torch.cumsum((scores > positive[:, None]).to(torch.int64), dim=1)
             hit_at = [above[:, min(k, above.shape[1]) - 1] < k for k in self.ks]
         hits = torch.stack([hit.detach().cpu().to(torch.float64) for hit in hit_at], dim=1)
