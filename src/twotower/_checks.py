@@ -107,3 +107,22 @@ def encode_ids(ids: Any, name: str, length: int | None = None) -> tuple[torch.Te
     if values.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64), values.astype(np.int64)
     raise TypeError(f"{name} must hold integers or strings, got numpy dtype {values.dtype}")
+
+
+def per_query_ids(values: Any, num_queries: int, name: str) -> list[np.ndarray]:
+    """Ragged per-query ids, from a ``[nq, R]`` tensor/array or a list of ``nq`` sequences, as 1-D arrays."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold ids (integers or strings), got dtype {values.dtype}")
+        values = values.detach().cpu().numpy()
+    if isinstance(values, np.ndarray):
+        if values.ndim != 2:
+            raise ValueError(f"{name} must be [num_queries, R], got shape {values.shape}")
+        rows = list(values)
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        rows = [np.asarray(row).reshape(-1) for row in values]
+    else:
+        raise TypeError(f"{name} must be a [num_queries, R] tensor/array or a list of id sequences")
+    if len(rows) != num_queries:
+        raise ValueError(f"{name} must have one row per query ({num_queries}), got {len(rows)}")
+    return rows

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from twotower import _topk
-from twotower._checks import encode_ids, require_finite, require_floating
+from twotower._checks import encode_ids, per_query_ids, require_finite, require_floating
 
 #: Ids returned by an index: an ``int64`` tensor ``[nq, k]`` or, for string ids, a numpy array ``[nq, k]``.
 Ids: TypeAlias = "torch.Tensor | np.ndarray"
@@ -90,20 +90,7 @@ class IdTable:
 
 def _normalize_exclusions(exclusions: Any, num_queries: int, is_string: bool) -> list[np.ndarray]:
     """Per-query 1-D arrays of excluded ids, from a ``[nq, E]`` tensor/array or a list of sequences."""
-    if isinstance(exclusions, torch.Tensor):
-        if exclusions.dtype.is_floating_point or exclusions.dtype == torch.bool:
-            raise TypeError(f"exclusions must hold ids (integers or strings), got dtype {exclusions.dtype}")
-        exclusions = exclusions.detach().cpu().numpy()
-    if isinstance(exclusions, np.ndarray):
-        if exclusions.ndim != 2:
-            raise ValueError(f"exclusions must be [num_queries, E], got shape {exclusions.shape}")
-        rows = list(exclusions)
-    elif isinstance(exclusions, Sequence) and not isinstance(exclusions, (str, bytes)):
-        rows = [np.asarray(row).reshape(-1) for row in exclusions]
-    else:
-        raise TypeError(f"exclusions must be a tensor, an array or a list of id sequences, got {type(exclusions)}")
-    if len(rows) != num_queries:
-        raise ValueError(f"exclusions must have one row per query ({num_queries}), got {len(rows)}")
+    rows = per_query_ids(exclusions, num_queries, "exclusions")
     for row in rows:
         if row.size and (row.dtype.kind in "USO") != is_string:
             kind = "strings" if is_string else "integers"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from twotower._checks import encode_ids, require_finite
+from twotower._checks import encode_ids, per_query_ids, require_finite
 from twotower.indexes import BruteForce, Ids, Streaming, TopK
 from twotower.losses import MIN_FLOAT
 
@@ -232,7 +232,33 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
-class FactorizedTopK(FactorizedMetric):
+class _WeightedMeans(RetrievalMetric):
+    """Several weighted means kept side by side: ``sums[m] / total_weight``, 0 while ``total_weight == 0``."""
+
+    sums: torch.Tensor
+    total_weight: torch.Tensor
+
+    def __init__(self, name: str, size: int, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.add_state("sums", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total_weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _accumulate_rows(self, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add ``values`` ``[nq, size]`` with per-row ``weights`` ``[nq]`` (float64, CPU)."""
+        self.sums += (values * weights[:, None]).sum(dim=0).to(self.sums.device)
+        self.total_weight += weights.sum().to(self.total_weight.device)
+
+    def compute(self) -> torch.Tensor:
+        """``[size]`` weighted means (0 before any update)."""
+        if float(self.total_weight) == 0.0:
+            return torch.zeros_like(self.sums)
+        return self.sums / self.total_weight
+
+    def _named(self, names: list[str]) -> dict[str, float]:
+        return dict(zip(names, self.value().reshape(-1).tolist(), strict=True))
+
+
+class FactorizedTopK(FactorizedMetric, _WeightedMeans):
     """Top-K categorical accuracy over the whole corpus, with TFRS's exact semantics.
 
     For each query the index retrieves the ``max(ks)`` best candidates; for each ``k`` in ``ks`` a weighted mean of
@@ -251,9 +277,6 @@ class FactorizedTopK(FactorizedMetric):
         name: prefix of the reported names.
     """
 
-    hits: torch.Tensor
-    total_weight: torch.Tensor
-
     def __init__(
         self,
         candidates: Any,
@@ -261,11 +284,10 @@ class FactorizedTopK(FactorizedMetric):
         name: str = "factorized_top_k",
         **kwargs: Any,
     ) -> None:
-        super().__init__(name, **kwargs)
-        self.ks = _check_ks(ks)
+        checked_ks = _check_ks(ks)
+        super().__init__(name, len(checked_ks), **kwargs)
+        self.ks = checked_ks
         self.index = _as_index(candidates, max(self.ks))
-        self.add_state("hits", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total_weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -293,19 +315,11 @@ class FactorizedTopK(FactorizedMetric):
             positive = self.index.score_pairs(query_embeddings, true_candidate_embeddings).to(scores.device)
             above = torch.cumsum((scores > positive[:, None]).to(torch.int64), dim=1)
             hit_at = [above[:, min(k, above.shape[1]) - 1] < k for k in self.ks]
-        hits = torch.stack([hit.detach().cpu().to(torch.float64) for hit in hit_at], dim=1)
-        self.hits += (hits * weights[:, None]).sum(dim=0).to(self.hits.device)
-        self.total_weight += weights.sum().to(self.total_weight.device)
-
-    def compute(self) -> torch.Tensor:
-        """``[len(ks)]`` accuracies (0 before any update)."""
-        if float(self.total_weight) == 0.0:
-            return torch.zeros_like(self.hits)
-        return self.hits / self.total_weight
+        self._accumulate_rows(torch.stack([hit.detach().cpu().to(torch.float64) for hit in hit_at], dim=1), weights)
 
     def results(self) -> dict[str, float]:
-        values = self.value().reshape(-1).tolist()
-        return {f"{self.name}/top_{k}_categorical_accuracy": value for k, value in zip(self.ks, values, strict=True)}
+        """``{name}/top_{k}_categorical_accuracy`` for each k."""
+        return self._named([f"{self.name}/top_{k}_categorical_accuracy" for k in self.ks])
 
 
 def _id_matches(retrieved: Ids, true_ids: np.ndarray) -> torch.Tensor:
@@ -338,22 +352,7 @@ def _relevance_matrix(retrieved: Ids, relevant: list[np.ndarray]) -> torch.Tenso
     return torch.as_tensor(np.isin(retrieved_keys, relevant_keys).reshape(num_queries, width))
 
 
-def _per_query_ids(values: Any, num_queries: int, name: str) -> list[np.ndarray]:
-    """Ragged ids: a ``[nq, R]`` tensor/array or a list of ``nq`` sequences."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    if isinstance(values, np.ndarray) and values.ndim == 2:
-        rows = list(values)
-    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
-        rows = [np.asarray(row).reshape(-1) for row in values]
-    else:
-        raise TypeError(f"{name} must be a [num_queries, R] tensor/array or a list of id sequences")
-    if len(rows) != num_queries:
-        raise ValueError(f"{name} must have one row per query ({num_queries}), got {len(rows)}")
-    return rows
-
-
-class CorpusRanking(RetrievalMetric):
+class CorpusRanking(_WeightedMeans):
     """Recall@K, Precision@K, NDCG@K, hit rate@K and MRR over the whole corpus, in one retrieval pass.
 
     Unlike :class:`FactorizedTopK`, a query may have several relevant items, and items can be excluded per query
@@ -377,16 +376,12 @@ class CorpusRanking(RetrievalMetric):
         name: prefix of the reported names.
     """
 
-    sums: torch.Tensor
-    total_weight: torch.Tensor
-
     def __init__(self, candidates: Any, ks: Sequence[int] = (10, 50, 100), name: str = "corpus", **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
-        self.ks = _check_ks(ks)
+        checked_ks = _check_ks(ks)
+        # Columns: hit rate, recall, precision, ndcg for each k; then mrr.
+        super().__init__(name, 4 * len(checked_ks) + 1, **kwargs)
+        self.ks = checked_ks
         self.index = _as_index(candidates, max(self.ks))
-        # Rows: hit rate, recall, precision, ndcg per k; then mrr.
-        self.add_state("sums", default=torch.zeros(4 * len(self.ks) + 1, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total_weight", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -406,7 +401,7 @@ class CorpusRanking(RetrievalMetric):
         if query_embeddings.ndim != 2:
             raise ValueError(f"query_embeddings must be 2-D [nq, d], got shape {tuple(query_embeddings.shape)}")
         num_queries = query_embeddings.shape[0]
-        relevant = _per_query_ids(relevant_ids, num_queries, "relevant_ids")
+        relevant = per_query_ids(relevant_ids, num_queries, "relevant_ids")
         weights = _weights_or_ones(sample_weight, num_queries)
         k_max = max(self.ks)
         if exclusions is None:
@@ -436,18 +431,9 @@ class CorpusRanking(RetrievalMetric):
         columns.append(1.0 / first_hit)
         values = torch.stack(columns, dim=1)
         has_relevant = num_relevant > 0
-        weights = weights * has_relevant
-        self.sums += (values * weights[:, None]).sum(dim=0).to(self.sums.device)
-        self.total_weight += weights.sum().to(self.total_weight.device)
-
-    def compute(self) -> torch.Tensor:
-        """``[4 * len(ks) + 1]``: hit rate, recall, precision, ndcg for each k, then mrr (0 before updates)."""
-        if float(self.total_weight) == 0.0:
-            return torch.zeros_like(self.sums)
-        return self.sums / self.total_weight
+        self._accumulate_rows(values, weights * has_relevant)
 
     def results(self) -> dict[str, float]:
-        values = self.value().reshape(-1).tolist()
-        names = [f"{self.name}/{metric}@{k}" for k in self.ks for metric in ("hit_rate", "recall", "precision", "ndcg")]
-        names.append(f"{self.name}/mrr")
-        return dict(zip(names, values, strict=True))
+        """``{name}/{hit_rate,recall,precision,ndcg}@{k}`` for each k, and ``{name}/mrr``."""
+        metrics = ("hit_rate", "recall", "precision", "ndcg")
+        return self._named([f"{self.name}/{metric}@{k}" for k in self.ks for metric in metrics] + [f"{self.name}/mrr"])
