@@ -12,6 +12,8 @@ import torch
 from twotower import BruteForce, Streaming
 from twotower.indexes import TopK
 
+pytestmark = pytest.mark.usefixtures("selection_backend")
+
 
 def _integer_data(n: int, nq: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Small-integer embeddings: every dot product is exact in float32, and ties are frequent."""

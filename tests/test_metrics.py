@@ -39,6 +39,7 @@ def test_batch_auc_by_hand() -> None:
     assert float(metric.compute()) == pytest.approx((0.5 + 1.0) / 2)
 
 
+@pytest.mark.usefixtures("selection_backend")
 def test_factorized_top_k_exact_copies_tie_and_count_as_hits() -> None:
     """Every query's best item is its positive, an exact copy of a corpus row: top-1 must be 1.0 (TFRS: ~0.62)."""
     generator = torch.Generator().manual_seed(0)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from twotower import _native
+
 # Score given to excluded candidates during the scan. Finite, so that excluded candidates still rank above
 # the sentinel (-inf) of empty slots, and below any real score; reported to users as -inf.
 EXCLUDED_SCORE = float(torch.finfo(torch.float32).min)
@@ -59,27 +61,29 @@ class RunningTopK:
         """Merge a chunk of scores ``[num_queries, chunk]`` for candidates at positions ``offset + j``."""
         num_rows, width = scores.shape
         threshold = self.threshold
-        if width > 2 * _GROUPS_PER_ROW and width % _GROUPS_PER_ROW == 0:
-            # Fold columns into strided groups; one vertical max per group tells which groups need a look.
-            group_max = scores.view(num_rows, width // _GROUPS_PER_ROW, _GROUPS_PER_ROW).amax(dim=1)
-            rows, groups = torch.nonzero(group_max > threshold, as_tuple=True)
-            if rows.numel() == 0:
-                return
-            if rows.numel() * (width // _GROUPS_PER_ROW) > scores.numel() // 4:
-                self._merge_dense(scores, offset)
-                return
-            members = groups[:, None] + _GROUPS_PER_ROW * torch.arange(width // _GROUPS_PER_ROW, device=scores.device)
-            rows = rows[:, None].expand_as(members)
-            values = scores[rows, members]
-            keep = values > threshold[rows[:, 0]]
-            rows, columns, values = rows[keep], members[keep], values[keep]
-            # Sort by (row, column) so that within a row candidates stay in position order for stable merging.
-            self._pending.append((rows, columns + offset, values))
-            self._pending_count += rows.numel()
-            if self._pending_count > self._pending_limit:
-                self.flush()
-        else:
+        if width % _GROUPS_PER_ROW or width <= 2 * _GROUPS_PER_ROW:
             self._merge_dense(scores, offset)
+            return
+        members = width // _GROUPS_PER_ROW
+        # Fold columns into strided groups (j, j + G, j + 2G, ...); one vectorised vertical max per group tells
+        # which groups need a look.
+        group_max = scores.view(num_rows, members, _GROUPS_PER_ROW).amax(dim=1)
+        rows, groups = torch.nonzero(group_max > threshold, as_tuple=True)
+        if rows.numel() == 0:
+            return
+        if rows.numel() * members > scores.numel() // 4:
+            self._merge_dense(scores, offset)
+            return
+        # Flat offsets of every member of every passing group: one index_select instead of 2-D indexing.
+        strides = _GROUPS_PER_ROW * torch.arange(members, device=scores.device)
+        flat = ((rows * width + groups)[:, None] + strides).reshape(-1)
+        values = scores.reshape(-1).index_select(0, flat)
+        keep = (values.view(rows.shape[0], -1) > threshold[rows]).reshape(-1)
+        flat, values = flat[keep], values[keep]
+        self._pending.append((flat // width, flat % width + offset, values))
+        self._pending_count += flat.numel()
+        if self._pending_count > self._pending_limit:
+            self.flush()
 
     def flush(self) -> None:
         """Merge the pending candidates into the running top-k (call before reading ``values``/``positions``)."""
@@ -142,35 +146,83 @@ def exclusion_pairs(exclusions: torch.Tensor | None, row_start: int, row_end: in
     return rows[order], positions[order]
 
 
+# |exact float32 dot - bfloat16 screen score| <= SCREEN_EPSILON * |q| * |c|: bfloat16 rounding of both inputs
+# (2u + u^2 with u = 2^-8), of the output (u (1 + u)^2), and float32 accumulation on both sides
+# (2 D 2^-24 (1 + u)^2, below 0.002 for D <= SCREEN_MAX_DIMENSION) add up to less than 0.0138 < 2^-6.
+SCREEN_EPSILON = 2.0**-6
+SCREEN_MAX_DIMENSION = 16384
+#: (query block, candidate chunk) per path: the native scan wants a block of scores that fits in L2.
+_BLOCKS = {"screen": (512, 2048), "native": (512, 1024), "torch": (QUERY_BLOCK, _CANDIDATE_CHUNK)}
+
+
+def search_mode(queries: torch.Tensor) -> str:
+    """Which path :func:`search_chunks` takes for these queries.
+
+    * ``"screen"``: float32 on a CPU with bfloat16 matrix units and the native kernel: bfloat16 screen, exact
+      float32 rescoring of the few candidates that pass;
+    * ``"native"``: float32 on a CPU with the native kernel: float32 multiply, native selection;
+    * ``"torch"``: everything else (float64, CUDA, no C compiler): float32/64 multiply, torch selection.
+    """
+    if queries.dtype != torch.float32 or queries.device.type != "cpu" or _native.load() is None:
+        return "torch"
+    if _native.bf16_matrix_units() and queries.shape[-1] <= SCREEN_MAX_DIMENSION:
+        return "screen"
+    return "native"
+
+
 def search_plain(
     queries: torch.Tensor,
     chunks: Iterable[tuple[int, torch.Tensor]],
     k: int,
     exclusions: torch.Tensor | None = None,
+    mode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of ``queries @ candidates.T``, scored by blocked matrix multiplies in the queries' dtype.
+    """Exact top-k of ``queries @ candidates.T`` by blocks; ``mode`` as :func:`search_mode` (its default).
 
-    Same contract as :func:`search_chunks`, with the chunks (an iterable, iterated once) given directly.
+    Same contract as :func:`search_chunks`, with the chunks (an iterable, iterated once) given directly, except
+    that in ``"screen"`` mode excluded candidates never appear (their slots stay empty).
     """
+    mode = mode or search_mode(queries)
+    query_block, chunk_size = _BLOCKS[mode]
     num_queries = queries.shape[0]
-    blocks = [(start, min(start + QUERY_BLOCK, num_queries)) for start in range(0, num_queries, QUERY_BLOCK)]
-    states = [RunningTopK(end - start, k, queries.device, queries.dtype) for start, end in blocks]
+    blocks = [(start, min(start + query_block, num_queries)) for start in range(0, num_queries, query_block)]
+    kernel = _native.load() if mode != "torch" else None
+    states: list[RunningTopK | _native.NativeTopK] = [
+        _native.NativeTopK(kernel, end - start, k)
+        if kernel is not None
+        else RunningTopK(end - start, k, queries.device, queries.dtype)
+        for start, end in blocks
+    ]
     excluded = [exclusion_pairs(exclusions, start, end) for start, end in blocks]
-    buffer: torch.Tensor | None = None
+    screen_dtype = torch.bfloat16 if mode == "screen" else queries.dtype
+    block_queries = [queries[start:end].contiguous() for start, end in blocks]
+    screen_queries = [block.to(screen_dtype) for block in block_queries]
+    query_norms = [torch.linalg.vector_norm(block, dim=1) for block in block_queries] if mode == "screen" else []
+    buffer = torch.empty(query_block * chunk_size, device=queries.device, dtype=screen_dtype)
+    excluded_value = float("-inf") if mode == "screen" else EXCLUDED_SCORE
     for offset, chunk in chunks:
-        for piece_offset, piece in _split(offset, chunk):
-            for (start, end), state, (ex_rows, ex_positions) in zip(blocks, states, excluded, strict=True):
+        for piece_offset, piece in _split(offset, chunk, chunk_size):
+            piece = piece.contiguous()
+            screen_piece = piece.to(screen_dtype)
+            factor = 0.0
+            if mode == "screen":
+                factor = SCREEN_EPSILON * float(torch.linalg.vector_norm(piece, dim=1).max())
+            for number, ((start, end), state, (ex_rows, ex_positions)) in enumerate(
+                zip(blocks, states, excluded, strict=True)
+            ):
                 shape = (end - start, piece.shape[0])
-                if buffer is None or buffer.numel() < shape[0] * shape[1]:
-                    buffer = torch.empty(QUERY_BLOCK * _CANDIDATE_CHUNK, device=queries.device, dtype=queries.dtype)
                 scores = buffer[: shape[0] * shape[1]].view(shape)
-                torch.mm(queries[start:end], piece.T, out=scores)
+                torch.mm(screen_queries[number], screen_piece.T, out=scores)
                 if ex_positions.numel():
                     low = int(torch.searchsorted(ex_positions, piece_offset))
                     high = int(torch.searchsorted(ex_positions, piece_offset + piece.shape[0]))
                     if high > low:
-                        scores[ex_rows[low:high], ex_positions[low:high] - piece_offset] = EXCLUDED_SCORE
-                state.update(scores, piece_offset)
+                        scores[ex_rows[low:high], ex_positions[low:high] - piece_offset] = excluded_value
+                if mode == "screen":
+                    assert isinstance(state, _native.NativeTopK)
+                    state.screen(scores, piece_offset, block_queries[number], piece, query_norms[number] * factor)
+                else:
+                    state.update(scores, piece_offset)
     for state in states:
         state.flush()
     values = torch.cat([state.values for state in states]) if states else queries.new_zeros((0, k))
@@ -180,21 +232,25 @@ def search_plain(
         else torch.zeros((0, k), dtype=torch.int64, device=queries.device)
     )
     values = values.masked_fill(values <= EXCLUDED_SCORE, float("-inf"))
-    return values, positions
+    return values.to(queries.device), positions.to(queries.device)
 
 
-def _split(offset: int, chunk: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    for start in range(0, chunk.shape[0], _CANDIDATE_CHUNK):
-        yield offset + start, chunk[start : start + _CANDIDATE_CHUNK]
+def _split(offset: int, chunk: torch.Tensor, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, chunk.shape[0], size):
+        yield offset + start, chunk[start : start + size]
 
 
 def pair_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Rowwise ``q_i . c_i`` ``[n]`` with the arithmetic of :func:`search_chunks`.
+    """Rowwise ``q_i . c_i`` ``[n]`` with the arithmetic that :func:`search_chunks` uses for these queries.
 
     An elementwise product-sum rounds differently from the blocked matrix multiply that scores the corpus, so a
-    true candidate present in the corpus would outrank its own copy about 4 times in 5 at D = 64. The diagonal of
-    the same blocked ``mm`` reproduces the corpus scan's arithmetic bit for bit, so the copy ties exactly.
+    true candidate present in the corpus would outrank its own copy about 4 times in 5 at D = 64. Using the
+    search's own arithmetic (the diagonal of the same blocked ``mm``, or the native kernel's dot product when it
+    rescores) makes the copy tie exactly.
     """
+    kernel = _native.load()
+    if search_mode(queries) == "screen" and kernel is not None:
+        return _native.pair_scores(kernel, queries, candidates)
     parts = []
     for start in range(0, queries.shape[0], QUERY_BLOCK):
         block = slice(start, start + QUERY_BLOCK)
@@ -213,7 +269,7 @@ def search_chunks(
     Args:
         queries: ``[nq, d]``.
         chunks: returns a fresh iterable of ``(offset, candidates [n_i, d])`` pairs in increasing, contiguous
-            offset order; it is iterated once.
+            offset order; it is iterated once, or twice when exclusions leave a query fewer than ``k`` candidates.
         k: how many results per query.
         exclusions: optional ``[nq, E]`` int64 candidate positions to leave out (``-1`` pads).
 
@@ -222,4 +278,13 @@ def search_chunks(
         candidates only appear (with score ``-inf``) when fewer than ``k`` others exist; empty slots (fewer than
         ``k`` candidates in all) have position ``-1`` and score ``-inf``.
     """
-    return search_plain(queries, chunks(), k, exclusions)
+    mode = search_mode(queries)
+    values, positions = search_plain(queries, chunks(), k, exclusions, mode)
+    if mode == "screen" and exclusions is not None:
+        short = torch.nonzero((positions < 0).any(dim=1)).squeeze(1)
+        if short.numel():
+            # Exclusions left these queries fewer than k candidates: the float32 path fills the tail with
+            # excluded ones, at -inf, as documented.
+            fill_values, fill_positions = search_plain(queries[short], chunks(), k, exclusions[short], "native")
+            values[short], positions[short] = fill_values, fill_positions
+    return values, positions
