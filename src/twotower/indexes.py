@@ -22,7 +22,6 @@ import abc
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -33,6 +32,7 @@ from torch import nn
 
 from twotower import _topk
 from twotower._checks import encode_ids, per_query_ids, require_finite, require_floating
+from twotower._files import atomic_write
 
 #: Ids returned by an index: an ``int64`` tensor ``[nq, k]`` or, for string ids, a numpy array ``[nq, k]``.
 Ids: TypeAlias = "torch.Tensor | np.ndarray"
@@ -320,7 +320,7 @@ class BruteForce(TopK):
             "k": str(self.k),
             "sha256": payload_digest,
         }
-        _atomic_write(Path(path), save(tensors, metadata=metadata))
+        atomic_write(Path(path), save(tensors, metadata=metadata))
 
     @classmethod
     def load(
@@ -472,18 +472,3 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise ValueError("metadata is not a mapping")
     return metadata
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -13,7 +13,7 @@ and the default loss, :class:`SoftmaxCrossEntropy`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -151,17 +151,134 @@ class SoftmaxCrossEntropy(nn.Module):
         """Return the scalar loss for ``labels`` and ``logits`` ``[nq, nc]`` and optional weights ``[nq]``."""
         _check_logits_labels(logits, labels)
         log_probabilities = torch.log_softmax(logits, dim=1)
-        per_row = -(labels.to(logits.dtype) * log_probabilities).sum(dim=1)
+        return self.reduce(-(labels.to(logits.dtype) * log_probabilities).sum(dim=1), sample_weight)
+
+    def reduce(self, per_row: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Weight and reduce per-row cross-entropies ``[nq]`` to the scalar loss."""
         if sample_weight is not None:
-            if sample_weight.shape != (logits.shape[0],):
+            if sample_weight.shape != per_row.shape:
                 raise ValueError(
-                    f"sample_weight must have shape ({logits.shape[0]},), got {tuple(sample_weight.shape)}"
+                    f"sample_weight must have shape {tuple(per_row.shape)}, got {tuple(sample_weight.shape)}"
                 )
             per_row = per_row * sample_weight.to(per_row.dtype)
         total = per_row.sum()
         if self.reduction == "mean":
-            return total / max(logits.shape[0], 1)
+            return total / max(per_row.shape[0], 1)
         return total
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
+
+
+def _chunk_logits(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    start: int,
+    temperature: float | None,
+    bias: torch.Tensor | None,
+    candidate_codes: torch.Tensor | None,
+    score_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Processed logits of query rows ``start..start + len(queries)`` against every candidate (steps 1-6)."""
+    logits = queries @ candidates.T
+    if temperature is not None:
+        logits = logits / temperature
+    if bias is not None:
+        logits = logits + bias
+    rows = torch.arange(queries.shape[0], device=logits.device)
+    if candidate_codes is not None:
+        duplicate = candidate_codes[start : start + queries.shape[0], None] == candidate_codes[None, :]
+        duplicate[rows, rows + start] = False
+        logits = logits + duplicate.to(logits.dtype) * MIN_FLOAT
+    if score_mask is not None:
+        logits = torch.where(score_mask[start : start + queries.shape[0]], logits, torch.full_like(logits, MIN_FLOAT))
+    return logits
+
+
+class _InBatchSoftmax(torch.autograd.Function):
+    """Per-query cross-entropy of the in-batch softmax, computed by blocks of rows, never holding the full
+    ``[nq, nc]`` logits: the forward keeps only each row's log-sum-exp, the backward recomputes a block's
+    logits and turns them into gradients while they are in cache."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        queries: torch.Tensor,
+        candidates: torch.Tensor,
+        temperature: float | None,
+        bias: torch.Tensor | None,
+        candidate_codes: torch.Tensor | None,
+        score_mask: torch.Tensor | None,
+        block_rows: int,
+    ) -> torch.Tensor:
+        num_queries = queries.shape[0]
+        log_normalisers = queries.new_empty(num_queries)
+        per_row = queries.new_empty(num_queries)
+        for start in range(0, num_queries, block_rows):
+            block = queries[start : start + block_rows]
+            logits = _chunk_logits(block, candidates, start, temperature, bias, candidate_codes, score_mask)
+            rows = torch.arange(block.shape[0], device=logits.device)
+            log_normaliser = torch.logsumexp(logits, dim=1)
+            log_normalisers[start : start + block.shape[0]] = log_normaliser
+            per_row[start : start + block.shape[0]] = log_normaliser - logits[rows, rows + start]
+        ctx.save_for_backward(queries, candidates, log_normalisers, bias, candidate_codes, score_mask)
+        ctx.temperature, ctx.block_rows = temperature, block_rows
+        return per_row
+
+    @staticmethod
+    def backward(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        queries, candidates, log_normalisers, bias, candidate_codes, score_mask = ctx.saved_tensors
+        temperature, block_rows = ctx.temperature, ctx.block_rows
+        grad_queries = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
+        grad_candidates = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
+        for start in range(0, queries.shape[0], block_rows):
+            block = queries[start : start + block_rows]
+            rows = torch.arange(block.shape[0], device=block.device)
+            logits = _chunk_logits(block, candidates, start, temperature, bias, candidate_codes, score_mask)
+            # d CE_i / d logit_ij = softmax_ij - [j == i]; masked logits are constants with softmax 0.
+            # In place: the block is a fresh buffer, and each pass over it costs as much as the multiply.
+            gradient = logits.sub_(log_normalisers[start : start + block.shape[0], None]).exp_()
+            gradient[rows, rows + start] -= 1.0
+            if score_mask is not None:
+                # Masked logits are constants: no gradient flows through them, the positive's included.
+                gradient.mul_(score_mask[start : start + block.shape[0]])
+            scale = grad_per_row[start : start + block.shape[0], None]
+            gradient.mul_(scale / temperature if temperature is not None else scale)
+            if grad_queries is not None:
+                grad_queries[start : start + block.shape[0]] = gradient @ candidates
+            if grad_candidates is not None:
+                grad_candidates += gradient.T @ block
+        return grad_queries, grad_candidates, None, None, None, None, None
+
+
+def in_batch_softmax_cross_entropy(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    temperature: float | None = None,
+    bias: torch.Tensor | None = None,
+    candidate_codes: torch.Tensor | None = None,
+    score_mask: torch.Tensor | None = None,
+    block_rows: int = 256,
+) -> torch.Tensor:
+    """Per-query softmax cross-entropy of the in-batch task, without materialising the logits.
+
+    Equal to steps 1-6 of :class:`twotower.tasks.Retrieval` followed by :class:`SoftmaxCrossEntropy`'s per-row
+    term: ``logsumexp(l_i) - l_ii`` with ``l = Q C^T / temperature + bias``, accidental hits (same code as the
+    positive) and masked entries removed as TFRS removes them.
+
+    Args:
+        queries: ``[nq, d]``; row ``i``'s positive is candidate ``i``.
+        candidates: ``[nc, d]``, ``nc >= nq``.
+        temperature: divides the logits.
+        bias: ``[nc]`` added to every row (``-log p`` for the sampling correction).
+        candidate_codes: ``[nc]`` integer ids: negatives sharing the positive's id are removed.
+        score_mask: ``[nq, nc]`` bool, ``False`` removes the logit.
+        block_rows: rows per block (memory is ``block_rows * nc`` logits).
+
+    Returns:
+        ``[nq]`` cross-entropies, differentiable with respect to ``queries`` and ``candidates``.
+    """
+    result: torch.Tensor = _InBatchSoftmax.apply(  # type: ignore[no-untyped-call]
+        queries, candidates, temperature, bias, candidate_codes, score_mask, block_rows
+    )
+    return result

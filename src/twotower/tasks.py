@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,11 +24,23 @@ from twotower.losses import (
     RemoveAccidentalHits,
     SamplingProbabilityCorrection,
     SoftmaxCrossEntropy,
+    in_batch_softmax_cross_entropy,
 )
 from twotower.metrics import FactorizedMetric, RetrievalMetric
 
 #: ``loss(labels, logits, sample_weight) -> scalar``, the signature of a Keras loss.
 LossFunction = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class _Prepared:
+    """Validated inputs of one call: embeddings (float32 at least), logit bias, id codes, mask."""
+
+    queries: torch.Tensor
+    candidates: torch.Tensor
+    bias: torch.Tensor | None
+    codes: torch.Tensor | None
+    score_mask: torch.Tensor | None
 
 
 def _as_metric_list(value: Any, name: str) -> list[RetrievalMetric]:
@@ -61,6 +74,9 @@ class Retrieval(nn.Module):
         reduction: ``"sum"`` (TFRS's default: the weighted sum of the per-query losses) or ``"mean"`` (that sum
             divided by the number of queries). Ignored when ``loss`` is given.
         check_finite: check embeddings for NaN/inf on every call (one device synchronisation per call).
+        fused: compute the default loss by blocks of rows without materialising the ``[nq, nc]`` logits, when
+            nothing needs them (no batch metrics to update, no hard-negative selection, no custom loss). The
+            result is the same; it is faster and uses far less memory for large batches.
 
     Differences from TFRS 0.7.7, where we follow TFRS's documentation rather than its code:
 
@@ -87,6 +103,7 @@ class Retrieval(nn.Module):
         *,
         reduction: Reduction = "sum",
         check_finite: bool = True,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if temperature is not None:
@@ -107,6 +124,9 @@ class Retrieval(nn.Module):
         self.sampling_correction = SamplingProbabilityCorrection()
         self.name = name or "retrieval"
         self.check_finite = check_finite
+        self.fused = fused
+        #: Set by :meth:`twotower.models.Model.fit`/``evaluate``: factorized metrics run only while True.
+        self.factorized_metrics_enabled = True
         self.factorized_metrics = nn.ModuleList(_as_metric_list(metrics, "metrics"))
         for metric in self.factorized_metrics:
             if not isinstance(metric, FactorizedMetric):
@@ -147,6 +167,65 @@ class Retrieval(nn.Module):
         for metric in self.all_metrics():
             metric.reset()
 
+    def _prepare(
+        self,
+        query_embeddings: torch.Tensor,
+        candidate_embeddings: torch.Tensor,
+        candidate_sampling_probability: Any,
+        candidate_ids: Any,
+        score_mask: torch.Tensor | None,
+    ) -> _Prepared:
+        """Validate the inputs and turn them into the tensors that steps 1-6 need."""
+        queries, candidates = self._check_embeddings(query_embeddings, candidate_embeddings)
+        num_queries, num_candidates = queries.shape[0], candidates.shape[0]
+        bias = None
+        if candidate_sampling_probability is not None:
+            probability = as_float_vector(
+                candidate_sampling_probability,
+                "candidate_sampling_probability",
+                num_candidates,
+                queries.device,
+                queries.dtype,
+            )
+            if bool(((probability < 0) | (probability > 1)).any()):
+                raise ValueError("candidate_sampling_probability must lie in [0, 1]")
+            bias = -torch.log(probability.clamp(1e-6, 1.0))
+        codes = None
+        if self.remove_accidental_hits:
+            if candidate_ids is None:
+                raise ValueError("remove_accidental_hits=True requires candidate_ids")
+            codes, _ = encode_ids(candidate_ids, "candidate_ids", num_candidates)
+            codes = codes.to(queries.device)
+        elif candidate_ids is not None:
+            encode_ids(candidate_ids, "candidate_ids", num_candidates)
+        if score_mask is not None:
+            if not isinstance(score_mask, torch.Tensor) or score_mask.dtype != torch.bool:
+                raise TypeError("score_mask must be a torch.bool tensor")
+            require_shape(score_mask, "score_mask", (num_queries, num_candidates))
+            score_mask = score_mask.to(queries.device)
+        return _Prepared(queries, candidates, bias, codes, score_mask)
+
+    def _logits(self, prepared: _Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-7 on prepared inputs: the full logits and labels."""
+        queries, candidates = prepared.queries, prepared.candidates
+        if queries.ndim == 3:
+            scores = torch.einsum("qhd,cd->qhc", queries, candidates).amax(dim=1)
+        else:
+            scores = queries @ candidates.T
+        labels = torch.eye(queries.shape[0], candidates.shape[0], dtype=scores.dtype, device=scores.device)
+        if self.temperature is not None:
+            scores = scores / self.temperature
+        if prepared.bias is not None:
+            # Equal to SamplingProbabilityCorrection: the bias is -log(clip(p, 1e-6, 1)).
+            scores = scores + prepared.bias
+        if prepared.codes is not None:
+            scores = self.accidental_hits(labels, scores, prepared.codes)
+        if prepared.score_mask is not None:
+            scores = torch.where(prepared.score_mask, scores, torch.full_like(scores, MIN_FLOAT))
+        if self.hard_negative_mining is not None:
+            scores, labels = self.hard_negative_mining(scores, labels)
+        return scores, labels
+
     def compute_logits(
         self,
         query_embeddings: torch.Tensor,
@@ -168,41 +247,24 @@ class Retrieval(nn.Module):
             ``(logits, labels)``, both ``[nq, nc]``, or ``[nq, n + 1]`` with ``num_hard_negatives = n``.
             Half-precision embeddings give float32 logits.
         """
-        queries, candidates = self._check_embeddings(query_embeddings, candidate_embeddings)
-        num_queries, num_candidates = queries.shape[0], candidates.shape[0]
-        if queries.ndim == 3:
-            scores = torch.einsum("qhd,cd->qhc", queries, candidates).amax(dim=1)
-        else:
-            scores = queries @ candidates.T
-        labels = torch.eye(num_queries, num_candidates, dtype=scores.dtype, device=scores.device)
-        if self.temperature is not None:
-            scores = scores / self.temperature
-        if candidate_sampling_probability is not None:
-            probability = as_float_vector(
-                candidate_sampling_probability,
-                "candidate_sampling_probability",
-                num_candidates,
-                scores.device,
-                scores.dtype,
+        return self._logits(
+            self._prepare(
+                query_embeddings, candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask
             )
-            if bool(((probability < 0) | (probability > 1)).any()):
-                raise ValueError("candidate_sampling_probability must lie in [0, 1]")
-            scores = self.sampling_correction(scores, probability)
-        if self.remove_accidental_hits:
-            if candidate_ids is None:
-                raise ValueError("remove_accidental_hits=True requires candidate_ids")
-            codes, _ = encode_ids(candidate_ids, "candidate_ids", num_candidates)
-            scores = self.accidental_hits(labels, scores, codes.to(scores.device))
-        elif candidate_ids is not None:
-            encode_ids(candidate_ids, "candidate_ids", num_candidates)
-        if score_mask is not None:
-            if not isinstance(score_mask, torch.Tensor) or score_mask.dtype != torch.bool:
-                raise TypeError("score_mask must be a torch.bool tensor")
-            require_shape(score_mask, "score_mask", (num_queries, num_candidates))
-            scores = torch.where(score_mask.to(scores.device), scores, torch.full_like(scores, MIN_FLOAT))
-        if self.hard_negative_mining is not None:
-            scores, labels = self.hard_negative_mining(scores, labels)
-        return scores, labels
+        )
+
+    def _can_fuse(self, prepared: _Prepared, need_logits: bool) -> bool:
+        """Whether the blocked loss (no materialised logits) computes exactly what the task asks for."""
+        keeps_all = self.num_hard_negatives is None or not (
+            0 < self.num_hard_negatives < prepared.candidates.shape[0] - 1
+        )
+        return (
+            self.fused
+            and not need_logits
+            and keeps_all
+            and prepared.queries.ndim == 2
+            and type(self.loss_fn) is SoftmaxCrossEntropy
+        )
 
     def forward(
         self,
@@ -232,23 +294,47 @@ class Retrieval(nn.Module):
         Returns:
             The scalar loss, differentiable with respect to both embeddings.
         """
-        logits, labels = self.compute_logits(
+        prepared = self._prepare(
             query_embeddings, candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask
         )
         num_queries = query_embeddings.shape[0]
         weight = None
         if sample_weight is not None:
-            weight = as_float_vector(sample_weight, "sample_weight", num_queries, logits.device, logits.dtype)
+            weight = as_float_vector(
+                sample_weight, "sample_weight", num_queries, prepared.queries.device, prepared.queries.dtype
+            )
             if bool((weight < 0).any()):
                 raise ValueError("sample_weight must be non-negative")
-        loss = self.loss_fn(labels, logits, weight)
+        need_logits = compute_batch_metrics and bool(self.batch_metrics)
+        logits = labels = None
+        if self._can_fuse(prepared, need_logits):
+            # Same loss, computed by blocks of rows: the [nq, nc] logits are never held in memory.
+            per_row = in_batch_softmax_cross_entropy(
+                prepared.queries,
+                prepared.candidates,
+                self.temperature,
+                prepared.bias,
+                prepared.codes,
+                prepared.score_mask,
+            )
+            loss_fn = self.loss_fn
+            assert isinstance(loss_fn, SoftmaxCrossEntropy)
+            loss = loss_fn.reduce(per_row, weight)
+        else:
+            logits, labels = self._logits(prepared)
+            loss = self.loss_fn(labels, logits, weight)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss must return a scalar tensor")
 
         with torch.no_grad():
             for metric in self._loss_metrics():
                 metric.update(loss.detach())
-            if compute_metrics and self.factorized_metrics and query_embeddings.ndim == 2:
+            if (
+                compute_metrics
+                and self.factorized_metrics_enabled
+                and self.factorized_metrics
+                and query_embeddings.ndim == 2
+            ):
                 true_ids = None
                 if candidate_ids is not None:
                     true_ids = candidate_ids[:num_queries]
@@ -259,7 +345,7 @@ class Retrieval(nn.Module):
                         true_ids,
                         weight,
                     )
-            if compute_batch_metrics:
+            if compute_batch_metrics and logits is not None and labels is not None:
                 for metric in self._batch_metrics():
                     metric.update(labels, logits.detach(), weight)
         return loss

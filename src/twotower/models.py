@@ -1,0 +1,294 @@
+"""The model base class: ``compute_loss`` in the subclass; training, evaluation and checkpoints here.
+
+As in ``tfrs.Model``, a subclass implements :meth:`Model.compute_loss`; :meth:`Model.fit` adds the
+regularization loss, steps the optimizer and reports every metric of the model's tasks together with ``loss``,
+``regularization_loss`` and ``total_loss``. Unlike TFRS, factorized (whole-corpus) metrics are switched off while
+training and on while evaluating by default, since they cost a full corpus ranking per batch.
+
+Checkpoints hold the model, the optimizer, the epoch, the history and every random state that shapes the next
+epoch (torch, numpy, Python, and the train loader's generator), so a run stopped between epochs resumes to the
+same numbers. They are written atomically with a SHA-256 sidecar and verified on load.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import io
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from twotower._files import atomic_write
+from twotower.tasks import Retrieval
+
+_CHECKPOINT = re.compile(r"^checkpoint-epoch(\d{4,})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or does not match the model."""
+
+
+class Model(nn.Module, abc.ABC):
+    """Base class of retrieval models: implement :meth:`compute_loss`, then :meth:`fit` and :meth:`evaluate`."""
+
+    @abc.abstractmethod
+    def compute_loss(self, batch: Any, training: bool = False) -> torch.Tensor:
+        """Return the scalar loss of ``batch`` (and update the tasks' metrics through the task call)."""
+
+    def regularization_loss(self) -> torch.Tensor:
+        """Extra loss added to the task loss in training (e.g. weight decay terms); 0 by default."""
+        parameter = next(self.parameters(), None)
+        device = parameter.device if parameter is not None else None
+        return torch.zeros((), device=device)
+
+    def tasks(self) -> list[Retrieval]:
+        """Every :class:`~twotower.tasks.Retrieval` task among the model's submodules."""
+        return [module for module in self.modules() if isinstance(module, Retrieval)]
+
+    def metric_results(self) -> dict[str, float]:
+        """Current values of every task metric, ``{name: value}``."""
+        results: dict[str, float] = {}
+        for task in self.tasks():
+            results.update(task.metric_results())
+        return results
+
+    def reset_metrics(self) -> None:
+        """Reset every task metric."""
+        for task in self.tasks():
+            task.reset_metrics()
+
+    @contextlib.contextmanager
+    def factorized_metrics(self, enabled: bool) -> Iterator[None]:
+        """Within the block, every task computes its factorized metrics only if ``enabled``."""
+        tasks = self.tasks()
+        previous = [task.factorized_metrics_enabled for task in tasks]
+        for task in tasks:
+            task.factorized_metrics_enabled = enabled
+        try:
+            yield
+        finally:
+            for task, value in zip(tasks, previous, strict=True):
+                task.factorized_metrics_enabled = value
+
+    def train_step(self, batch: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One optimisation step; returns ``loss``, ``regularization_loss`` and ``total_loss`` of the batch."""
+        loss = self.compute_loss(batch, training=True)
+        regularization = self.regularization_loss()
+        total = loss + regularization
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"the training loss became {float(total)}: lower the learning rate?")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+        return {
+            "loss": float(loss.detach()),
+            "regularization_loss": float(regularization.detach()),
+            "total_loss": float(total.detach()),
+        }
+
+    def fit(
+        self,
+        train: Iterable[Any],
+        optimizer: torch.optim.Optimizer,
+        epochs: int = 1,
+        validation: Iterable[Any] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume: bool = True,
+        compute_factorized_metrics: bool = False,
+        progress: bool = True,
+    ) -> list[dict[str, float]]:
+        """Train for ``epochs`` epochs over ``train``.
+
+        Args:
+            train: an iterable of batches (e.g. a ``DataLoader``), iterated once per epoch.
+            optimizer: the optimizer of the model's parameters.
+            epochs: the total number of epochs (a resumed run continues up to it).
+            validation: optional batches evaluated after each epoch; its metrics get a ``val_`` prefix.
+            checkpoint_dir: where to write ``checkpoint-epochNNNN.pt`` after each epoch.
+            resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
+            compute_factorized_metrics: also compute whole-corpus metrics on training batches (slow).
+            progress: show a progress bar (tqdm).
+
+        Returns:
+            The history: one dict per epoch with the epoch's task metrics, ``loss``, ``regularization_loss`` and
+            ``total_loss`` (means over the epoch's batches; TFRS reports the last batch's), and ``epoch``.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        history: list[dict[str, float]] = []
+        start_epoch = 0
+        directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if directory is not None and resume:
+            latest = latest_checkpoint(directory)
+            if latest is not None:
+                state = self.load_checkpoint(latest, optimizer, train)
+                start_epoch, history = int(state["epoch"]), list(state["history"])
+        for epoch in range(start_epoch, epochs):
+            self.train()
+            self.reset_metrics()
+            sums = {"loss": 0.0, "regularization_loss": 0.0, "total_loss": 0.0}
+            batches = 0
+            with self.factorized_metrics(compute_factorized_metrics):
+                bar = _progress(train, f"epoch {epoch + 1}/{epochs}", progress)
+                for batch in bar:
+                    step = self.train_step(batch, optimizer)
+                    batches += 1
+                    for key in sums:
+                        sums[key] += step[key]
+                    if progress and hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{sums['loss'] / batches:.2f}")
+            if batches == 0:
+                raise ValueError("train yielded no batches")
+            record = {**self.metric_results(), **{key: value / batches for key, value in sums.items()}}
+            record["epoch"] = float(epoch + 1)
+            if validation is not None:
+                record.update({f"val_{key}": value for key, value in self.evaluate(validation, progress=False).items()})
+            history.append(record)
+            if directory is not None:
+                self.save_checkpoint(
+                    directory / f"checkpoint-epoch{epoch + 1:04d}.pt", optimizer, epoch + 1, history, train
+                )
+        return history
+
+    @torch.no_grad()
+    def evaluate(
+        self, batches: Iterable[Any], compute_factorized_metrics: bool = True, progress: bool = True
+    ) -> dict[str, float]:
+        """Evaluate over ``batches``: every task metric, and ``loss``, ``regularization_loss``, ``total_loss``
+        (the loss is the mean over batches)."""
+        self.eval()
+        self.reset_metrics()
+        total, count = 0.0, 0
+        with self.factorized_metrics(compute_factorized_metrics):
+            for batch in _progress(batches, "evaluate", progress):
+                total += float(self.compute_loss(batch, training=False))
+                count += 1
+        if count == 0:
+            raise ValueError("batches yielded no batch to evaluate")
+        regularization = float(self.regularization_loss())
+        return {
+            **self.metric_results(),
+            "loss": total / count,
+            "regularization_loss": regularization,
+            "total_loss": total / count + regularization,
+        }
+
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        optimizer: torch.optim.Optimizer | None = None,
+        epoch: int = 0,
+        history: list[dict[str, float]] | None = None,
+        train: Iterable[Any] | None = None,
+    ) -> None:
+        """Write model, optimizer, epoch, history and random states to ``path`` atomically, with ``path.sha256``."""
+        generator = getattr(train, "generator", None)
+        state = {
+            "format": "twotower.checkpoint/1",
+            "model": self.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "epoch": epoch,
+            "history": history or [],
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": _numpy_state(),
+            "python_rng": repr(random.getstate()),
+            "loader_rng": generator.get_state() if isinstance(generator, torch.Generator) else None,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        path = Path(path)
+        atomic_write(path, payload)
+        atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(payload).hexdigest().encode())
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        optimizer: torch.optim.Optimizer | None = None,
+        train: Iterable[Any] | None = None,
+    ) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save_checkpoint`; returns its contents. Verifies the checksum."""
+        state = read_checkpoint(path)
+        try:
+            self.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{path} does not match this model: {error}") from error
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        _set_numpy_state(state["numpy_rng"])
+        random.setstate(_literal(state["python_rng"]))
+        generator = getattr(train, "generator", None)
+        if isinstance(generator, torch.Generator) and state["loader_rng"] is not None:
+            generator.set_state(state["loader_rng"])
+        return state
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify a checkpoint file (its ``.sha256`` sidecar must match)."""
+    path = Path(path)
+    digest_path = path.with_name(path.name + ".sha256")
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if not digest_path.is_file():
+        raise CheckpointError(f"{path} has no checksum file {digest_path.name}: refusing an unverified checkpoint")
+    payload = path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != digest_path.read_text().strip():
+        raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {digest_path.name}")
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != "twotower.checkpoint/1":
+        raise CheckpointError(f"{path} is not a twotower checkpoint")
+    return state
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint with the highest epoch in ``directory``, or ``None``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _CHECKPOINT.match(path.name))]
+    return max(found)[1] if found else None
+
+
+def _progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    total = len(batches) if isinstance(batches, Sized) else None
+    bar: Iterable[Any] = tqdm(batches, desc=description, total=total, leave=False, dynamic_ncols=True)
+    return bar
+
+
+def _numpy_state() -> dict[str, Any]:
+    # The legacy global generator is saved because user code (and libraries) may still draw from it.
+    name, keys, position, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    return {
+        "name": name,
+        "keys": torch.as_tensor(np.asarray(keys, dtype=np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["position"], state["has_gauss"], state["cached"]))  # noqa: NPY002
+
+
+def _literal(text: str) -> Any:
+    import ast
+
+    return ast.literal_eval(text)
