@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from twotower.cli import build_parser, main, run_quickstart
+from twotower.cli import build_parser, main, run_synthetic
 
 
-def test_quickstart_learns_something(capsys: pytest.CaptureFixture[str]) -> None:
+def test_synthetic_learns_something(capsys: pytest.CaptureFixture[str]) -> None:
     args = build_parser().parse_args(
         [
-            "quickstart",
+            "synthetic",
             "--num-users",
             "300",
             "--num-items",
@@ -26,7 +26,7 @@ def test_quickstart_learns_something(capsys: pytest.CaptureFixture[str]) -> None
             "256",
         ]
     )
-    results = run_quickstart(args)
+    results = run_synthetic(args)
     out = capsys.readouterr().out
     assert "factorized_top_k/top_10_categorical_accuracy" in out
     untrained = results["untrained"]["factorized_top_k/top_10_categorical_accuracy"]
@@ -39,9 +39,9 @@ def test_quickstart_learns_something(capsys: pytest.CaptureFixture[str]) -> None
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["quickstart", "--epochs", "0"], "expected a positive integer"),
-        (["quickstart", "--learning-rate", "abc"], "expected a positive number"),
-        (["quickstart", "--bogus"], "unrecognized arguments"),
+        (["synthetic", "--epochs", "0"], "expected a positive integer"),
+        (["synthetic", "--learning-rate", "abc"], "expected a positive number"),
+        (["synthetic", "--bogus"], "unrecognized arguments"),
         (["nothing"], "invalid choice"),
     ],
 )
@@ -54,7 +54,7 @@ def test_bad_flags_exit_with_a_message(argv: list[str], message: str, capsys: py
 
 def test_console_help_lists_every_flag() -> None:
     help_text = subprocess.run(
-        [sys.executable, "-m", "twotower.cli", "quickstart", "--help"],
+        [sys.executable, "-m", "twotower.cli", "synthetic", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -1,7 +1,9 @@
 """The ``twotower`` command line.
 
-``twotower quickstart`` trains a two-tower model end to end on a generated data set with the
-:class:`~twotower.tasks.Retrieval` task and prints its test metrics next to those of the untrained model.
+* ``twotower quickstart``: the reference workload (TFRS's MovieLens 100K basic retrieval) trained, evaluated and
+  saved as a run directory, with example recommendations;
+* ``twotower recommend --run DIR --user ID``: recommendations from a saved run;
+* ``twotower synthetic``: a two-tower model on a generated data set (no download needed).
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from twotower.data.movielens import DataError, load_movielens
 from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
 from twotower.indexes import BruteForce
 from twotower.metrics import BatchTopKAccuracy, FactorizedTopK, LossMean
 from twotower.tasks import Retrieval
+from twotower.workload import PUBLISHED, RunError, WorkloadConfig, load_run, recommend, save_run, train_and_evaluate
 
 
 class EmbeddingTwoTower(nn.Module):
@@ -56,22 +61,57 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``twotower`` command."""
     parser = argparse.ArgumentParser(prog="twotower", description="Two-tower retrieval in PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     quick = commands.add_parser(
         "quickstart",
+        help="train, evaluate and save the MovieLens reference workload (TFRS's basic retrieval tutorial)",
+        description="Train the TFRS basic-retrieval model on MovieLens (user-id and movie-title towers, Adagrad, "
+        "in-batch softmax), print test top-K accuracy, Recall@K and NDCG@K (seen items excluded), save the run "
+        "and show example recommendations. The data is read from --data-dir or $TWOTOWER_DATA_DIR, else "
+        "downloaded from GroupLens and verified by checksum.",
+    )
+    quick.add_argument("--data-dir", help="folder holding ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
+    quick.add_argument(
+        "--dataset", choices=["100k", "latest-small", "1m"], default="100k", help="MovieLens release (default 100k)"
+    )
+    quick.add_argument("--run-dir", default="runs/quickstart", help="where to save the run (default runs/quickstart)")
+    quick.add_argument("--seed", type=int, default=42, help="seed of the split, initialisation and shuffling (42)")
+    quick.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
+    quick.add_argument("--batch-size", type=_positive_int, default=8192, help="training batch size (default 8192)")
+    quick.add_argument("--embedding-dim", type=_positive_int, default=32, help="tower width (default 32)")
+    quick.add_argument("--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (0.1)")
+    quick.add_argument("--examples", type=int, default=3, help="users to show recommendations for (default 3)")
+    quick.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    recommend = commands.add_parser(
+        "recommend",
+        help="recommend movies for a user from a saved run",
+        description="Load a run saved by 'twotower quickstart' (verifying every file's checksum) and print the "
+        "top-k movie titles for a user, leaving out the titles the user rated in training.",
+    )
+    recommend.add_argument("--run", required=True, help="the run directory")
+    recommend.add_argument("--user", required=True, help="the MovieLens user id, e.g. 42")
+    recommend.add_argument("-k", type=_positive_int, default=10, help="number of titles (default 10)")
+    recommend.add_argument("--include-seen", action="store_true", help="do not exclude titles seen in training")
+
+    synthetic = commands.add_parser(
+        "synthetic",
         help="train and evaluate a two-tower model on a generated data set",
         description="Train a two-tower retrieval model with the Retrieval task on generated user-item "
         "interactions, then print test top-K accuracy over the whole item corpus.",
     )
-    quick.add_argument("--num-users", type=_positive_int, default=2000, help="users to generate (default 2000)")
-    quick.add_argument("--num-items", type=_positive_int, default=1000, help="items to generate (default 1000)")
-    quick.add_argument(
+    synthetic.add_argument("--num-users", type=_positive_int, default=2000, help="users to generate (default 2000)")
+    synthetic.add_argument("--num-items", type=_positive_int, default=1000, help="items to generate (default 1000)")
+    synthetic.add_argument(
         "--interactions-per-user", type=_positive_int, default=50, help="interactions per user (default 50)"
     )
-    quick.add_argument("--dim", type=_positive_int, default=32, help="embedding dimension (default 32)")
-    quick.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5)")
-    quick.add_argument("--batch-size", type=_positive_int, default=1024, help="training batch size (default 1024)")
-    quick.add_argument("--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (default 0.1)")
-    quick.add_argument("--seed", type=int, default=0, help="random seed for data and model (default 0)")
+    synthetic.add_argument("--dim", type=_positive_int, default=32, help="embedding dimension (default 32)")
+    synthetic.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5)")
+    synthetic.add_argument("--batch-size", type=_positive_int, default=1024, help="training batch size (default 1024)")
+    synthetic.add_argument(
+        "--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (default 0.1)"
+    )
+    synthetic.add_argument("--seed", type=int, default=0, help="random seed for data and model (default 0)")
     return parser
 
 
@@ -91,8 +131,8 @@ def _evaluate(model: EmbeddingTwoTower, data: SyntheticInteractions) -> dict[str
     return task.metric_results()
 
 
-def run_quickstart(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Train and evaluate as ``twotower quickstart`` does; returns ``{"untrained": ..., "trained": ...}``."""
+def run_synthetic(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Train and evaluate as ``twotower synthetic`` does; returns ``{"untrained": ..., "trained": ...}``."""
     torch.manual_seed(args.seed)
     data = make_synthetic_interactions(
         num_users=args.num_users,
@@ -104,7 +144,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     task = Retrieval(batch_metrics=[BatchTopKAccuracy(k=1)], loss_metrics=[LossMean()])
     optimizer = torch.optim.Adagrad(model.parameters(), lr=args.learning_rate, initial_accumulator_value=0.1, eps=1e-7)
     print(
-        f"twotower quickstart: {data.num_users} users, {data.num_items} items, "
+        f"twotower synthetic: {data.num_users} users, {data.num_items} items, "
         f"{data.train_users.shape[0]} train / {data.test_users.shape[0]} test interactions"
     )
     untrained = _evaluate(model, data)
@@ -134,11 +174,70 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return {"untrained": untrained, "trained": trained}
 
 
+def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the reference workload as ``twotower quickstart`` does; returns its results."""
+    config = WorkloadConfig(
+        dataset=args.dataset,
+        seed=args.seed,
+        embedding_dim=args.embedding_dim,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+    )
+    data = load_movielens(config.dataset, data_dir=args.data_dir)
+    print(
+        f"twotower quickstart: MovieLens {config.dataset}, {len(data):,} ratings; user-id and movie-title towers "
+        f"({config.embedding_dim}-d), batch {config.batch_size}, {config.epochs} epochs"
+    )
+    started = time.perf_counter()
+    model, prepared, results = train_and_evaluate(config, data=data, progress=not args.no_progress)
+    for row in results["history"]:
+        print(f"epoch {int(row['epoch'])}: mean batch loss {row['loss']:,.1f}")
+    run_dir = save_run(args.run_dir, model, prepared, results, config)
+    test = results["test"]
+    print(f"\n{'test top-K accuracy (TFRS metric)':<36}{'untrained':>10}{'trained':>10}{'TFRS tutorial':>15}")
+    for k, published in PUBLISHED.items():
+        name = f"factorized_top_k/top_{k}_categorical_accuracy"
+        print(f"{'top-' + str(k):<36}{results['untrained'][name]:>10.4f}{test[name]:>10.4f}{published:>15.4f}")
+    print(f"\n{'per test user, seen items excluded':<36}{'Recall':>10}{'NDCG':>10}{'hit rate':>15}")
+    for k in (10, 50, 100):
+        print(
+            f"{'@' + str(k):<36}{test[f'corpus/recall@{k}']:>10.4f}{test[f'corpus/ndcg@{k}']:>10.4f}"
+            f"{test[f'corpus/hit_rate@{k}']:>15.4f}"
+        )
+    print(f"{'MRR@100':<36}{test['corpus/mrr']:>10.4f}")
+    print(f"\nsaved the run to {run_dir} ({time.perf_counter() - started:.1f}s)")
+    loaded = load_run(run_dir)
+    for user in prepared.users.values[: max(args.examples, 0)]:
+        titles = ", ".join(title for title, _ in recommend(loaded, str(user), k=5))
+        print(f"user {user}: {titles}")
+    return results
+
+
+def run_recommend(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """Answer ``twotower recommend``; prints and returns ``(title, score)`` pairs."""
+    run = load_run(args.run)
+    answer = recommend(run, args.user, k=args.k, exclude_seen=not args.include_seen)
+    for rank, (title, score) in enumerate(answer, start=1):
+        print(f"{rank:>3}. {title}  ({score:.3f})")
+    return answer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``twotower`` console script."""
-    args = build_parser().parse_args(argv)
-    if args.command == "quickstart":
-        run_quickstart(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "quickstart":
+            run_quickstart(args)
+        elif args.command == "recommend":
+            run_recommend(args)
+        else:
+            run_synthetic(args)
+    except (DataError, RunError, KeyError, ValueError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"twotower {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -321,7 +321,10 @@ def recommend(run: LoadedRun, user_id: str, k: int = 10, exclude_seen: bool = Tr
     users = run.model.users
     index = int(users.lookup([user_id])[0])
     if index == 0:
-        raise KeyError(f"unknown user id {user_id!r} (ids run from {users.values.min()} to {users.values.max()})")
+        raise KeyError(
+            f"unknown user id {user_id!r}: the run knows {len(users) - 1} users "
+            f"({str(users.values[0])!r} .. {str(users.values[-1])!r})"
+        )
     with torch.no_grad():
         query = run.model.user_model(torch.tensor([index]))
     seen = run.seen.get(user_id, []) if exclude_seen else []

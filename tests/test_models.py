@@ -1,0 +1,122 @@
+"""Model.fit / evaluate / checkpoints: resume after a stop gives the same numbers; files are verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from twotower import BatchTopKAccuracy, BruteForce, FactorizedTopK, LossMean, Retrieval
+from twotower.data.synthetic import make_synthetic_interactions
+from twotower.models import CheckpointError, Model, latest_checkpoint
+from twotower.workload import Batches
+
+
+class TinyModel(Model):
+    def __init__(self, num_users: int, num_items: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.users = nn.Embedding(num_users, 8)
+        self.items = nn.Embedding(num_items, 8)
+        nn.init.uniform_(self.users.weight, -0.05, 0.05)
+        nn.init.uniform_(self.items.weight, -0.05, 0.05)
+        corpus = BruteForce(k=10)
+        self.num_items = num_items
+        self.task = Retrieval(
+            metrics=FactorizedTopK(corpus.index(self.items.weight.detach()), ks=(1, 10)),
+            batch_metrics=[BatchTopKAccuracy()],
+            loss_metrics=[LossMean()],
+        )
+        self.factorized_calls = 0
+
+    def compute_loss(self, batch: Any, training: bool = False) -> torch.Tensor:
+        users, items = batch
+        if not training:
+            self.task.factorized_metrics[0].index.index(self.items.weight.detach())  # type: ignore[union-attr]
+        loss: torch.Tensor = self.task(self.users(users), self.items(items), candidate_ids=items)
+        return loss
+
+    def regularization_loss(self) -> torch.Tensor:
+        return 1e-3 * self.users.weight.square().sum()
+
+
+def _setup(seed: int = 0, model_seed: int = 0) -> tuple[TinyModel, torch.optim.Optimizer, Batches, Batches]:
+    data = make_synthetic_interactions(num_users=400, num_items=300, interactions_per_user=30, seed=seed)
+    model = TinyModel(data.num_users, data.num_items, model_seed)
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.1, eps=1e-7)
+    train = Batches(data.train_users, data.train_items, batch_size=256, shuffle=True, seed=seed)
+    test = Batches(data.test_users, data.test_items, batch_size=512, shuffle=False)
+    return model, optimizer, train, test
+
+
+def test_fit_reports_tfrs_names_and_learns() -> None:
+    model, optimizer, train, test = _setup()
+    before = model.evaluate(test, progress=False)
+    history = model.fit(train, optimizer, epochs=4, progress=False)
+    after = model.evaluate(test, progress=False)
+    assert [row["epoch"] for row in history] == [1.0, 2.0, 3.0, 4.0]
+    for name in ("loss", "regularization_loss", "total_loss", "batch_top_1_categorical_accuracy", "loss_mean"):
+        assert name in history[-1]
+    assert history[-1]["total_loss"] == pytest.approx(history[-1]["loss"] + history[-1]["regularization_loss"])
+    # Factorized metrics are off while training (never updated), on while evaluating.
+    assert "factorized_top_k/top_10_categorical_accuracy" in history[-1]
+    assert history[-1]["factorized_top_k/top_10_categorical_accuracy"] == 0.0
+    assert (
+        after["factorized_top_k/top_10_categorical_accuracy"]
+        > before["factorized_top_k/top_10_categorical_accuracy"] + 0.05
+    )
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_resume_after_a_stop_gives_the_same_numbers(tmp_path: Path) -> None:
+    straight, optimizer, train, test = _setup()
+    expected = straight.fit(train, optimizer, epochs=3, checkpoint_dir=tmp_path / "straight", progress=False)
+
+    stopped, optimizer, train, _ = _setup()
+    stopped.fit(train, optimizer, epochs=1, checkpoint_dir=tmp_path / "stopped", progress=False)
+    # A new process: fresh objects, different initial weights and RNG, then resume from the checkpoint.
+    torch.manual_seed(1234)
+    resumed, optimizer, train, _ = _setup(model_seed=99)
+    history = resumed.fit(train, optimizer, epochs=3, checkpoint_dir=tmp_path / "stopped", progress=False)
+    assert history == expected
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+    assert latest_checkpoint(tmp_path / "stopped") == tmp_path / "stopped" / "checkpoint-epoch0003.pt"
+    assert straight.evaluate(test, progress=False) == resumed.evaluate(test, progress=False)
+
+
+def test_corrupt_or_unverified_checkpoints_are_refused(tmp_path: Path) -> None:
+    model, optimizer, train, _ = _setup()
+    model.fit(train, optimizer, epochs=1, checkpoint_dir=tmp_path, progress=False)
+    path = tmp_path / "checkpoint-epoch0001.pt"
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    path.write_bytes(bytes(payload))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        model.fit(train, optimizer, epochs=2, checkpoint_dir=tmp_path, progress=False)
+    (tmp_path / "checkpoint-epoch0001.pt.sha256").unlink()
+    with pytest.raises(CheckpointError, match="no checksum file"):
+        model.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        model.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    model, optimizer, train, _ = _setup()
+    model.save_checkpoint(tmp_path / "checkpoint-epoch0001.pt", optimizer, 1, [], train)
+    other = TinyModel(500, 300, 0)
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        other.load_checkpoint(tmp_path / "checkpoint-epoch0001.pt")
+
+
+def test_bad_arguments() -> None:
+    model, optimizer, train, _ = _setup()
+    with pytest.raises(ValueError, match="epochs"):
+        model.fit(train, optimizer, epochs=0, progress=False)
+    with pytest.raises(TypeError, match="optimizer"):
+        model.fit(train, "sgd", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no batches"):
+        model.fit([], optimizer, progress=False)
