@@ -146,3 +146,24 @@ def test_bad_arguments() -> None:
         load_movielens("100k", data_dir="/nonexistent/folder")
     with pytest.raises(DataError, match="holds neither"):
         load_movielens("100k", data_dir=SHARED / "ml-latest-small")
+
+
+def test_1m_format_is_parsed_and_only_the_official_zip_accepted(tmp_path: Path) -> None:
+    from twotower.data.movielens import _parse_1m
+
+    contents = {
+        "movies.dat": "1::Toy Story (1995)::Animation\n2::Jumanji (1995)::Adventure\n".encode("latin-1"),
+        "ratings.dat": b"1::1::5::978300760\n1::2::3::978302109\n2::1::4::978301968\n",
+    }
+    data = _parse_1m(contents)
+    assert data.user_ids.tolist() == ["1", "1", "2"]
+    assert data.movie_titles.tolist() == ["Toy Story (1995)", "Jumanji (1995)", "Toy Story (1995)"]
+    assert data.ratings.tolist() == [5.0, 3.0, 4.0]
+    # No published checksums exist for the extracted 1M files: only the official zip is accepted.
+    (tmp_path / "ml-1m").mkdir()
+    with pytest.raises(DataError, match="no published checksum"):
+        load_movielens("1m", data_dir=tmp_path)
+    (tmp_path / "ml-1m").rmdir()
+    (tmp_path / "ml-1m.zip").write_bytes(b"PK not the official archive")
+    with pytest.raises(DataError, match="not the official ml-1m.zip"):
+        load_movielens("1m", data_dir=tmp_path)
