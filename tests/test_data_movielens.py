@@ -165,5 +165,5 @@ def test_1m_format_is_parsed_and_only_the_official_zip_accepted(tmp_path: Path) 
         load_movielens("1m", data_dir=tmp_path)
     (tmp_path / "ml-1m").rmdir()
     (tmp_path / "ml-1m.zip").write_bytes(b"PK not the official archive")
-    with pytest.raises(DataError, match="not the official ml-1m.zip"):
+    with pytest.raises(DataError, match=r"not the official ml-1m\.zip"):
         load_movielens("1m", data_dir=tmp_path)
