@@ -13,10 +13,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from twotower._checks import as_float_vector, encode_ids, require_finite, require_floating, require_shape
+from twotower._checks import (
+    as_float_vector,
+    encode_ids,
+    per_query_ids,
+    require_finite,
+    require_floating,
+    require_shape,
+)
 from twotower.losses import (
     MIN_FLOAT,
     HardNegativeMining,
@@ -27,6 +35,7 @@ from twotower.losses import (
     in_batch_softmax_cross_entropy,
 )
 from twotower.metrics import FactorizedMetric, RetrievalMetric
+from twotower.sampling import CrossBatchNegatives
 
 #: ``loss(labels, logits, sample_weight) -> scalar``, the signature of a Keras loss.
 LossFunction = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -74,6 +83,11 @@ class Retrieval(nn.Module):
         reduction: ``"sum"`` (TFRS's default: the weighted sum of the per-query losses) or ``"mean"`` (that sum
             divided by the number of queries). Ignored when ``loss`` is given.
         check_finite: check embeddings for NaN/inf on every call (one device synchronisation per call).
+        learnable_temperature: learn the temperature (from ``temperature`` as the initial value), as
+            ``exp(log_temperature)`` clamped to ``temperature_range``.
+        temperature_range: the bounds of a learnable temperature.
+        negative_cache: a :class:`~twotower.sampling.CrossBatchNegatives`: its embeddings join every batch as extra
+            negatives, and in training mode each batch's positives are pushed into it after the loss.
         fused: compute the default loss by blocks of rows without materialising the ``[nq, nc]`` logits, when
             nothing needs them (no batch metrics to update, no hard-negative selection, no custom loss). The
             result is the same; it is faster and uses far less memory for large batches.
@@ -104,6 +118,9 @@ class Retrieval(nn.Module):
         reduction: Reduction = "sum",
         check_finite: bool = True,
         fused: bool = True,
+        learnable_temperature: bool = False,
+        temperature_range: tuple[float, float] = (1e-2, 10.0),
+        negative_cache: CrossBatchNegatives | None = None,
     ) -> None:
         super().__init__()
         if temperature is not None:
@@ -117,6 +134,21 @@ class Retrieval(nn.Module):
             raise TypeError(f"loss must be callable as loss(labels, logits, sample_weight), got {type(loss).__name__}")
         self.loss_fn: LossFunction = loss if loss is not None else SoftmaxCrossEntropy(reduction)
         self.temperature = None if temperature is None else float(temperature)
+        self.learnable_temperature = learnable_temperature
+        self.temperature_range = temperature_range
+        if learnable_temperature:
+            low, high = temperature_range
+            if temperature is None:
+                raise ValueError("learnable_temperature=True needs an initial temperature")
+            if not 0 < low < high or not math.isfinite(high):
+                raise ValueError(f"temperature_range must be (low, high) with 0 < low < high, got {temperature_range}")
+            if not low <= temperature <= high:
+                raise ValueError(f"temperature {temperature} lies outside temperature_range {temperature_range}")
+            # Log-parametrised: positive by construction, and multiplicative steps at every scale.
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        if negative_cache is not None and not isinstance(negative_cache, CrossBatchNegatives):
+            raise TypeError(f"negative_cache must be a CrossBatchNegatives, got {type(negative_cache).__name__}")
+        self.negative_cache = negative_cache
         self.num_hard_negatives = num_hard_negatives
         self.hard_negative_mining = HardNegativeMining(num_hard_negatives) if num_hard_negatives is not None else None
         self.remove_accidental_hits = remove_accidental_hits
@@ -167,6 +199,13 @@ class Retrieval(nn.Module):
         for metric in self.all_metrics():
             metric.reset()
 
+    def current_temperature(self) -> float | torch.Tensor | None:
+        """The temperature in use: ``None``, a float, or (learnable) a scalar tensor with gradient."""
+        if self.learnable_temperature:
+            low, high = self.temperature_range
+            return self.log_temperature.exp().clamp(low, high)
+        return self.temperature
+
     def _prepare(
         self,
         query_embeddings: torch.Tensor,
@@ -213,8 +252,9 @@ class Retrieval(nn.Module):
         else:
             scores = queries @ candidates.T
         labels = torch.eye(queries.shape[0], candidates.shape[0], dtype=scores.dtype, device=scores.device)
-        if self.temperature is not None:
-            scores = scores / self.temperature
+        temperature = self.current_temperature()
+        if temperature is not None:
+            scores = scores / temperature
         if prepared.bias is not None:
             # Equal to SamplingProbabilityCorrection: the bias is -log(clip(p, 1e-6, 1)).
             scores = scores + prepared.bias
@@ -260,6 +300,7 @@ class Retrieval(nn.Module):
         )
         return (
             self.fused
+            and not self.learnable_temperature
             and not need_logits
             and keeps_all
             and prepared.queries.ndim == 2
@@ -276,6 +317,7 @@ class Retrieval(nn.Module):
         compute_metrics: bool = True,
         compute_batch_metrics: bool = True,
         score_mask: torch.Tensor | None = None,
+        positive_ids: Any = None,
     ) -> torch.Tensor:
         """Compute the loss and update the metrics.
 
@@ -290,10 +332,19 @@ class Retrieval(nn.Module):
             compute_metrics: update the factorized metrics (costly: they rank the whole corpus).
             compute_batch_metrics: update the batch metrics. Loss metrics are always updated.
             score_mask: ``[nq, nc]`` bool; ``False`` entries are removed from the softmax.
+            positive_ids: per query, further ids known to be positives for it (a list of ``nq`` sequences or an
+                ``[nq, P]`` array; unknown ids pad): every other column carrying one of them is removed from that
+                query's softmax. Needs ``candidate_ids``.
 
         Returns:
             The scalar loss, differentiable with respect to both embeddings.
         """
+        num_batch_candidates = candidate_embeddings.shape[0] if isinstance(candidate_embeddings, torch.Tensor) else 0
+        candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask = self._with_cache(
+            candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask
+        )
+        if positive_ids is not None:
+            score_mask = self._mask_known_positives(query_embeddings, candidate_ids, positive_ids, score_mask)
         prepared = self._prepare(
             query_embeddings, candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask
         )
@@ -348,7 +399,86 @@ class Retrieval(nn.Module):
             if compute_batch_metrics and logits is not None and labels is not None:
                 for metric in self._batch_metrics():
                     metric.update(labels, logits.detach(), weight)
+            if self.negative_cache is not None and self.training:
+                self._push_positives(
+                    candidate_embeddings[:num_batch_candidates][:num_queries],
+                    candidate_ids,
+                    candidate_sampling_probability,
+                    num_queries,
+                )
         return loss
+
+    def _with_cache(
+        self, candidates: torch.Tensor, probability: Any, candidate_ids: Any, score_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any, Any, torch.Tensor | None]:
+        """Append the cached negatives (and their ids, probabilities and mask columns) to the batch's candidates."""
+        cache = self.negative_cache
+        if cache is None or len(cache) == 0 or not isinstance(candidates, torch.Tensor):
+            return candidates, probability, candidate_ids, score_mask
+        assert cache.embeddings is not None
+        cached = cache.embeddings.to(device=candidates.device, dtype=candidates.dtype)
+        if cached.shape[1] != candidates.shape[1]:
+            raise ValueError(
+                f"negative_cache holds {cached.shape[1]}-d embeddings, candidates are {candidates.shape[1]}-d"
+            )
+        if candidate_ids is not None:
+            if cache.codes is None:
+                raise ValueError("candidate_ids given, but the negative cache holds no ids: push ids with every batch")
+            _, values = encode_ids(candidate_ids, "candidate_ids", candidates.shape[0])
+            candidate_ids = np.concatenate([values, cache.codes])
+        elif self.remove_accidental_hits:
+            raise ValueError("remove_accidental_hits=True requires candidate_ids")
+        if probability is not None:
+            if cache.probabilities is None:
+                raise ValueError("candidate_sampling_probability given, but the cache holds none: push them too")
+            batch = as_float_vector(probability, "candidate_sampling_probability", candidates.shape[0],
+                                    candidates.device, torch.float32)  # fmt: skip
+            probability = torch.cat([batch, cache.probabilities.to(batch.device, torch.float32)])
+        if score_mask is not None:
+            if not isinstance(score_mask, torch.Tensor) or score_mask.dtype != torch.bool:
+                raise TypeError("score_mask must be a torch.bool tensor")
+            require_shape(score_mask, "score_mask", (score_mask.shape[0], candidates.shape[0]))
+            extra = torch.ones(score_mask.shape[0], cached.shape[0], dtype=torch.bool, device=score_mask.device)
+            score_mask = torch.cat([score_mask, extra], dim=1)
+        return torch.cat([candidates, cached]), probability, candidate_ids, score_mask
+
+    def _push_positives(self, positives: torch.Tensor, candidate_ids: Any, probability: Any, num_queries: int) -> None:
+        assert self.negative_cache is not None
+        ids = None if candidate_ids is None else encode_ids(candidate_ids, "candidate_ids")[1][:num_queries]
+        probabilities = None
+        if probability is not None:
+            probabilities = (
+                torch.as_tensor(np.asarray(probability, dtype=np.float32))
+                if not isinstance(probability, torch.Tensor)
+                else probability
+            )
+            probabilities = probabilities.reshape(-1)[:num_queries].detach()
+        self.negative_cache.push(positives.detach(), ids, probabilities)
+
+    @staticmethod
+    def _mask_known_positives(
+        query_embeddings: torch.Tensor, candidate_ids: Any, positive_ids: Any, score_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A score mask removing, for each query, the other columns that carry one of its known positive ids."""
+        if candidate_ids is None:
+            raise ValueError("positive_ids requires candidate_ids")
+        num_queries = query_embeddings.shape[0]
+        _, values = encode_ids(candidate_ids, "candidate_ids")
+        rows = per_query_ids(positive_ids, num_queries, "positive_ids")
+        flat = np.concatenate([np.asarray(row).reshape(-1) for row in rows]) if rows else np.zeros(0)
+        if flat.size and (flat.dtype.kind in "USO") != (values.dtype.kind in "USO"):
+            raise TypeError("positive_ids must hold ids of the same kind (integers or strings) as candidate_ids")
+        # One vocabulary for candidate ids and known positives, then a (query, id) membership test.
+        vocabulary, codes = np.unique(np.concatenate([values.astype(str), flat.astype(str)]), return_inverse=True)
+        candidate_codes = torch.as_tensor(codes[: values.shape[0]])
+        owners = np.repeat(np.arange(num_queries), [len(np.asarray(row).reshape(-1)) for row in rows])
+        known = torch.zeros(num_queries, len(vocabulary), dtype=torch.bool)
+        known[torch.as_tensor(owners), torch.as_tensor(codes[values.shape[0] :])] = True
+        removed = known[:, candidate_codes]
+        diagonal = torch.arange(num_queries)
+        removed[diagonal, diagonal] = False
+        mask = ~removed.to(query_embeddings.device)
+        return mask if score_mask is None else mask & score_mask.to(mask.device)
 
     def _check_embeddings(
         self, query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor
