@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from twotower import distributed
 from twotower._files import atomic_write
 from twotower.tasks import Retrieval
 
@@ -83,16 +84,20 @@ class Model(nn.Module, abc.ABC):
         """One optimisation step; returns ``loss``, ``regularization_loss`` and ``total_loss`` of the batch."""
         loss = self.compute_loss(batch, training=True)
         regularization = self.regularization_loss()
-        total = loss + regularization
+        ranks = distributed.world_size()
+        # Gradients are summed over ranks: each rank carries 1/ranks of the (replicated) regularization.
+        total = loss + regularization / ranks
         if not torch.isfinite(total):
             raise FloatingPointError(f"the training loss became {float(total)}: lower the learning rate?")
         optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
+        distributed.all_reduce_gradients(list(self.parameters()))
         optimizer.step()
+        global_loss = float(distributed.all_reduce_sum(loss.detach()))
         return {
-            "loss": float(loss.detach()),
+            "loss": global_loss,
             "regularization_loss": float(regularization.detach()),
-            "total_loss": float(total.detach()),
+            "total_loss": global_loss + float(regularization.detach()),
         }
 
     def fit(
@@ -140,7 +145,7 @@ class Model(nn.Module, abc.ABC):
             sums = {"loss": 0.0, "regularization_loss": 0.0, "total_loss": 0.0}
             batches = 0
             with self.factorized_metrics(compute_factorized_metrics):
-                bar = _progress(train, f"epoch {epoch + 1}/{epochs}", progress)
+                bar = _progress(train, f"epoch {epoch + 1}/{epochs}", progress and distributed.rank() == 0)
                 for batch in bar:
                     step = self.train_step(batch, optimizer)
                     batches += 1
@@ -156,9 +161,12 @@ class Model(nn.Module, abc.ABC):
                 record.update({f"val_{key}": value for key, value in self.evaluate(validation, progress=False).items()})
             history.append(record)
             if directory is not None:
-                self.save_checkpoint(
-                    directory / f"checkpoint-epoch{epoch + 1:04d}.pt", optimizer, epoch + 1, history, train
-                )
+                # One writer; the other ranks wait so that nobody resumes from a half-written directory.
+                if distributed.rank() == 0:
+                    path = directory / f"checkpoint-epoch{epoch + 1:04d}.pt"
+                    self.save_checkpoint(path, optimizer, epoch + 1, history, train)
+                if distributed.is_distributed():
+                    torch.distributed.barrier()
         return history
 
     @torch.no_grad()
@@ -171,11 +179,14 @@ class Model(nn.Module, abc.ABC):
         self.reset_metrics()
         total, count = 0.0, 0
         with self.factorized_metrics(compute_factorized_metrics):
-            for batch in _progress(batches, "evaluate", progress):
+            for batch in _progress(batches, "evaluate", progress and distributed.rank() == 0):
                 total += float(self.compute_loss(batch, training=False))
                 count += 1
         if count == 0:
             raise ValueError("batches yielded no batch to evaluate")
+        if distributed.is_distributed():
+            # The task's loss is local to each rank's queries: the global loss sums the ranks'.
+            total = float(distributed.all_reduce_sum(torch.tensor(total)))
         regularization = float(self.regularization_loss())
         return {
             **self.metric_results(),

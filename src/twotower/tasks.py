@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from twotower import distributed
 from twotower._checks import (
     as_float_vector,
     encode_ids,
@@ -88,6 +89,10 @@ class Retrieval(nn.Module):
         temperature_range: the bounds of a learnable temperature.
         negative_cache: a :class:`~twotower.sampling.CrossBatchNegatives`: its embeddings join every batch as extra
             negatives, and in training mode each batch's positives are pushed into it after the loss.
+        cross_rank_negatives: under ``torch.distributed``, score each rank's queries against every rank's
+            candidates (gathered with gradient), so the loss summed over ranks is the single-process loss of the
+            global batch. ``None`` (default) turns it on whenever a process group of several ranks is
+            initialised. Each rank's loss covers its own queries; ``"mean"`` divides by the global query count.
         fused: compute the default loss by blocks of rows without materialising the ``[nq, nc]`` logits, when
             nothing needs them (no batch metrics to update, no hard-negative selection, no custom loss). The
             result is the same; it is faster and uses far less memory for large batches.
@@ -121,6 +126,7 @@ class Retrieval(nn.Module):
         learnable_temperature: bool = False,
         temperature_range: tuple[float, float] = (1e-2, 10.0),
         negative_cache: CrossBatchNegatives | None = None,
+        cross_rank_negatives: bool | None = None,
     ) -> None:
         super().__init__()
         if temperature is not None:
@@ -149,6 +155,7 @@ class Retrieval(nn.Module):
         if negative_cache is not None and not isinstance(negative_cache, CrossBatchNegatives):
             raise TypeError(f"negative_cache must be a CrossBatchNegatives, got {type(negative_cache).__name__}")
         self.negative_cache = negative_cache
+        self.cross_rank_negatives = cross_rank_negatives
         self.num_hard_negatives = num_hard_negatives
         self.hard_negative_mining = HardNegativeMining(num_hard_negatives) if num_hard_negatives is not None else None
         self.remove_accidental_hits = remove_accidental_hits
@@ -339,6 +346,17 @@ class Retrieval(nn.Module):
         Returns:
             The scalar loss, differentiable with respect to both embeddings.
         """
+        local_candidates, local_ids = candidate_embeddings, candidate_ids
+        cross_rank = self._cross_rank()
+        if cross_rank:
+            if score_mask is not None or positive_ids is not None or self.negative_cache is not None:
+                raise ValueError(
+                    "score_mask, positive_ids and negative_cache are per-rank inputs: they cannot be combined with "
+                    "cross_rank_negatives (pass cross_rank_negatives=False to keep negatives per rank)"
+                )
+            candidate_embeddings, candidate_ids, candidate_sampling_probability = self._gather_ranks(
+                query_embeddings, candidate_embeddings, candidate_ids, candidate_sampling_probability
+            )
         num_batch_candidates = candidate_embeddings.shape[0] if isinstance(candidate_embeddings, torch.Tensor) else 0
         candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask = self._with_cache(
             candidate_embeddings, candidate_sampling_probability, candidate_ids, score_mask
@@ -376,10 +394,16 @@ class Retrieval(nn.Module):
             loss = self.loss_fn(labels, logits, weight)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss must return a scalar tensor")
+        reported = loss.detach()
+        if cross_rank:
+            if isinstance(self.loss_fn, SoftmaxCrossEntropy) and self.loss_fn.reduction == "mean":
+                total_queries = distributed.all_reduce_sum(torch.tensor(float(num_queries), device=loss.device))
+                loss = loss * (num_queries / total_queries)
+            reported = distributed.all_reduce_sum(loss.detach())
 
         with torch.no_grad():
             for metric in self._loss_metrics():
-                metric.update(loss.detach())
+                metric.update(reported)
             if (
                 compute_metrics
                 and self.factorized_metrics_enabled
@@ -387,12 +411,12 @@ class Retrieval(nn.Module):
                 and query_embeddings.ndim == 2
             ):
                 true_ids = None
-                if candidate_ids is not None:
-                    true_ids = candidate_ids[:num_queries]
+                if local_ids is not None:
+                    true_ids = local_ids[:num_queries]
                 for metric in self._factorized_metrics():
                     metric.update(
                         query_embeddings.detach(),
-                        candidate_embeddings[:num_queries].detach(),
+                        local_candidates[:num_queries].detach(),
                         true_ids,
                         weight,
                     )
@@ -407,6 +431,24 @@ class Retrieval(nn.Module):
                     num_queries,
                 )
         return loss
+
+    def _cross_rank(self) -> bool:
+        active = distributed.is_distributed()
+        return active if self.cross_rank_negatives is None else bool(self.cross_rank_negatives) and active
+
+    def _gather_ranks(
+        self, queries: torch.Tensor, candidates: torch.Tensor, candidate_ids: Any, probability: Any
+    ) -> tuple[torch.Tensor, Any, Any]:
+        """Every rank's candidates, this rank's positives first; ids and probabilities gathered alike."""
+        queries, _ = self._check_embeddings(queries, candidates)
+        if probability is not None:
+            probability = as_float_vector(
+                probability, "candidate_sampling_probability", candidates.shape[0], candidates.device, torch.float32
+            )
+        gathered, ids, probabilities = distributed.global_candidates(
+            queries.shape[0], candidates, candidate_ids, probability
+        )
+        return gathered, ids, probabilities
 
     def _with_cache(
         self, candidates: torch.Tensor, probability: Any, candidate_ids: Any, score_mask: torch.Tensor | None

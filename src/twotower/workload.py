@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from twotower import distributed
 from twotower._files import atomic_write
 from twotower.data.movielens import MovieLens, Vocabulary, load_movielens
 from twotower.indexes import BruteForce, Streaming
@@ -109,12 +110,15 @@ class Batches:
     """Re-iterable, seeded, shuffled batches of aligned index tensors (a light DataLoader for in-memory data).
 
     ``generator`` is exposed as a DataLoader's is, so that checkpoints save and restore the shuffling state.
+    With ``shard=True`` under ``torch.distributed``, each rank yields its slice of every global batch.
     """
 
-    def __init__(self, *tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(
+        self, *tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, shard: bool = False
+    ) -> None:
         if not tensors or any(tensor.shape[0] != tensors[0].shape[0] for tensor in tensors):
             raise ValueError("Batches needs tensors with the same number of rows")
-        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
+        self.tensors, self.batch_size, self.shuffle, self.shard = tensors, batch_size, shuffle, shard
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -125,6 +129,9 @@ class Batches:
         order = torch.randperm(rows, generator=self.generator) if self.shuffle else torch.arange(rows)
         for start in range(0, rows, self.batch_size):
             chosen = order[start : start + self.batch_size]
+            if self.shard:
+                # Every rank draws the same global batch (same seed) and keeps its own slice of it.
+                chosen = chosen[distributed.shard_rows(chosen.shape[0])]
             yield tuple(tensor[chosen] for tensor in self.tensors)
 
 

@@ -1,0 +1,268 @@
+"""Multi-process training and evaluation on ``torch.distributed``, with negatives shared across ranks.
+
+TFRS computes in-batch negatives per replica, so its loss and accuracy change with the number of devices.
+twotower gathers every rank's candidates (with gradient, as open_clip's ``loss.py`` does) so that each query is
+scored against the *global* batch: the sum of the ranks' losses is the single-process loss of the concatenated
+batch, and, with gradients summed across ranks (:func:`all_reduce_gradients`), training is the same computation
+whatever the number of processes.
+
+* :func:`gather_with_grad` / :func:`gather` -- variable-size all-gathers along the first dimension;
+* :func:`global_candidates` -- this rank's view of the global batch: its own positives first (so that row ``i``
+  is still column ``i``), then the other ranks' positives, then every rank's extra negatives;
+* :class:`ShardedIndex` -- an exact index over a corpus sharded across ranks; each rank's top-k is merged into
+  the global top-k;
+* :func:`shard_batches` -- each rank's slice of every global batch.
+
+Launch with ``torchrun --nproc-per-node N``: gloo on CPUs, NCCL on GPUs (:func:`init_from_environment`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from twotower._checks import encode_ids
+from twotower.indexes import TopK, _check_k
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_from_environment(backend: str | None = None) -> bool:
+    """Initialise the default process group from torchrun's environment (``WORLD_SIZE``, ``RANK``, ...).
+
+    Returns whether a multi-process group is now active. The backend defaults to NCCL when CUDA is available
+    and gloo otherwise. Does nothing outside torchrun.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return is_distributed()
+    chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend=chosen)
+    if chosen == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return is_distributed()
+
+
+def _sizes(count: int, device: torch.device) -> list[int]:
+    local = torch.tensor([count], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, local)
+    return [int(size) for size in sizes]
+
+
+def _pad(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    padding = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, padding]).contiguous()
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """All ranks' ``tensor`` (first dimensions may differ), differentiable: gradients flow back to each rank.
+
+    Returns ``(parts, sizes)``: ``parts[r]`` is rank ``r``'s tensor.
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = _sizes(tensor.shape[0], tensor.device)
+    gathered = all_gather(_pad(tensor, max(sizes)))  # type: ignore[no-untyped-call]
+    return [part[:size] for part, size in zip(gathered, sizes, strict=True)], sizes
+
+
+def gather(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """All ranks' ``tensor`` (first dimensions may differ), without gradient."""
+    sizes = _sizes(tensor.shape[0], tensor.device)
+    padded = _pad(tensor.detach(), max(sizes))
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [part[:size] for part, size in zip(parts, sizes, strict=True)], sizes
+
+
+def gather_ids(ids: Any, length: int) -> list[np.ndarray]:
+    """All ranks' ids (integers or strings), as numpy arrays."""
+    _, values = encode_ids(ids, "candidate_ids", length)
+    if values.dtype.kind in "iu":
+        parts, _ = gather(torch.as_tensor(values.astype(np.int64)))
+        return [part.cpu().numpy() for part in parts]
+    objects: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, values.astype(str))
+    return [np.asarray(part) for part in objects]
+
+
+def _reorder(parts: Sequence[Any], num_positives: Sequence[int], me: int, join: Any) -> Any:
+    """[my positives, other ranks' positives (rank order), every rank's extras (rank order)]."""
+    positives = [parts[me][: num_positives[me]]] + [
+        part[:count] for r, (part, count) in enumerate(zip(parts, num_positives, strict=True)) if r != me
+    ]
+    extras = [part[count:] for part, count in zip(parts, num_positives, strict=True)]
+    return join([*positives, *extras])
+
+
+def global_candidates(
+    num_queries: int,
+    candidate_embeddings: torch.Tensor,
+    candidate_ids: Any = None,
+    candidate_sampling_probability: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, np.ndarray | None, torch.Tensor | None]:
+    """This rank's view of the global batch's candidates.
+
+    Args:
+        num_queries: this rank's number of queries (its first ``num_queries`` candidates are their positives).
+        candidate_embeddings: ``[nc, d]`` this rank's candidates.
+        candidate_ids: ``[nc]`` this rank's ids, or ``None``.
+        candidate_sampling_probability: ``[nc]`` this rank's probabilities, or ``None``.
+
+    Returns:
+        ``(candidates, ids, probabilities)`` over every rank's candidates: this rank's positives first, then the
+        other ranks' positives, then every rank's extras. Gradients flow back to the rank that computed each row.
+    """
+    me = dist.get_rank()
+    parts, _ = gather_with_grad(candidate_embeddings)
+    counts = [int(size) for size in _sizes(num_queries, candidate_embeddings.device)]
+    candidates = _reorder(parts, counts, me, torch.cat)
+    ids = None
+    if candidate_ids is not None:
+        ids = _reorder(gather_ids(candidate_ids, candidate_embeddings.shape[0]), counts, me, np.concatenate)
+    probabilities = None
+    if candidate_sampling_probability is not None:
+        probability_parts, _ = gather(torch.as_tensor(candidate_sampling_probability, device=candidates.device))
+        probabilities = _reorder(probability_parts, counts, me, torch.cat)
+    return candidates, ids, probabilities
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over ranks (a copy; no gradient)."""
+    total = value.detach().clone()
+    if is_distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter] | Iterator[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over ranks, in one flat buffer.
+
+    Each rank's loss is the sum over its own queries against the global batch, so the gradient of the global
+    loss is the sum of the ranks' gradients (DDP would average them, which scales the learning rate by
+    ``1 / world_size``).
+    """
+    if not is_distributed():
+        return
+    with_grad = [parameter for parameter in parameters if parameter.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([parameter.grad.reshape(-1) for parameter in with_grad])  # type: ignore[union-attr]
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for parameter in with_grad:
+        assert parameter.grad is not None
+        count = parameter.grad.numel()
+        parameter.grad.copy_(flat[offset : offset + count].view_as(parameter.grad))
+        offset += count
+
+
+def shard_rows(num_rows: int) -> slice:
+    """This rank's contiguous share of ``num_rows`` rows (ranks differ by at most one row)."""
+    size, me = world_size(), rank()
+    base, extra = divmod(num_rows, size)
+    start = me * base + min(me, extra)
+    return slice(start, start + base + (1 if me < extra else 0))
+
+
+class ShardedIndex(TopK):
+    """Exact top-K over a corpus sharded across ranks.
+
+    Each rank indexes its own shard (with global ids) in ``local``; a query is answered against every shard:
+    the ranks' queries are gathered, each rank searches its shard for all of them, and each rank merges the
+    shards' top-k for its own queries. Ties keep the lower rank first (shards in rank order = global order).
+    All ranks must call it together. Outside a process group it is the local index.
+
+    Args:
+        local: the exact index that holds this rank's shard.
+    """
+
+    def __init__(self, local: TopK) -> None:
+        super().__init__(k=local.k, query_model=local.query_model)
+        if not isinstance(local, TopK):
+            raise TypeError(f"local must be a twotower.indexes.TopK, got {type(local).__name__}")
+        self.local = local
+
+    def is_exact(self) -> bool:
+        return self.local.is_exact()
+
+    def index(self, candidates: torch.Tensor, identifiers: Any = None) -> ShardedIndex:
+        self.local.index(candidates, identifiers)
+        return self
+
+    @property
+    def ids(self) -> Any:
+        return self.local.ids
+
+    @property
+    def num_candidates(self) -> int:
+        return int(all_reduce_sum(torch.tensor(self.local.num_candidates)))
+
+    @property
+    def dimension(self) -> int:
+        return self.local.dimension
+
+    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.local.score_pairs(queries, candidates)
+
+    def _search(
+        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.local._search(queries, k, exclusions)
+
+    def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Any]:
+        if not is_distributed():
+            return self.local._query(queries, k, exclusions)
+        embeddings = self.local._embed_queries(queries)
+        k = min(_check_k(self.k if k is None else k), self.num_candidates)
+        parts, sizes = gather(embeddings)
+        all_queries = torch.cat(parts)
+        all_exclusions = None
+        if exclusions is not None:
+            objects: list[Any] = [None] * world_size()
+            dist.all_gather_object(objects, [np.asarray(row).reshape(-1) for row in _exclusion_rows(exclusions)])
+            all_exclusions = [row for part in objects for row in part]
+        local_k = min(k, self.local.num_candidates)
+        if all_exclusions is None:
+            scores, ids = self.local._query(all_queries, local_k, None)
+        else:
+            scores, ids = self.local._query(all_queries, local_k, all_exclusions)
+        me = rank()
+        start = sum(sizes[:me])
+        mine = slice(start, start + sizes[me])
+        score_parts, _ = gather(scores[:, :local_k].contiguous())
+        merged_scores = torch.cat([part[mine] for part in score_parts], dim=1)
+        if isinstance(ids, torch.Tensor):
+            id_parts, _ = gather(ids.contiguous())
+            merged_ids: Any = torch.cat([part[mine] for part in id_parts], dim=1)
+            order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
+            return merged_scores.gather(1, order), merged_ids.gather(1, order.to(merged_ids.device))
+        objects = [None] * world_size()
+        dist.all_gather_object(objects, np.asarray(ids))
+        merged_strings = np.concatenate([np.asarray(part)[mine] for part in objects], axis=1)
+        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return merged_scores.gather(1, order), np.take_along_axis(merged_strings, order.cpu().numpy(), axis=1)
+
+
+def _exclusion_rows(exclusions: Any) -> list[Any]:
+    if isinstance(exclusions, torch.Tensor):
+        return list(exclusions.detach().cpu().numpy())
+    return list(exclusions)
