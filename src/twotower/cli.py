@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from twotower import distributed
 from twotower.data.movielens import DataError, load_movielens
 from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
 from twotower.indexes import BruteForce
@@ -57,6 +58,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags shared by ``quickstart`` and ``train``."""
+    parser.add_argument("--data-dir", help="folder holding ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
+    parser.add_argument(
+        "--dataset", choices=["100k", "latest-small", "1m"], default="100k", help="MovieLens release (default 100k)"
+    )
+    parser.add_argument("--run-dir", default="runs/quickstart", help="where to save the run (default runs/quickstart)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the split, initialisation and shuffling (42)")
+    parser.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8192, help="training batch size (default 8192)")
+    parser.add_argument("--embedding-dim", type=_positive_int, default=32, help="tower width (default 32)")
+    parser.add_argument("--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (0.1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``twotower`` command."""
     parser = argparse.ArgumentParser(prog="twotower", description="Two-tower retrieval in PyTorch.")
@@ -70,18 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
         "and show example recommendations. The data is read from --data-dir or $TWOTOWER_DATA_DIR, else "
         "downloaded from GroupLens and verified by checksum.",
     )
-    quick.add_argument("--data-dir", help="folder holding ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
-    quick.add_argument(
-        "--dataset", choices=["100k", "latest-small", "1m"], default="100k", help="MovieLens release (default 100k)"
-    )
-    quick.add_argument("--run-dir", default="runs/quickstart", help="where to save the run (default runs/quickstart)")
-    quick.add_argument("--seed", type=int, default=42, help="seed of the split, initialisation and shuffling (42)")
-    quick.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
-    quick.add_argument("--batch-size", type=_positive_int, default=8192, help="training batch size (default 8192)")
-    quick.add_argument("--embedding-dim", type=_positive_int, default=32, help="tower width (default 32)")
-    quick.add_argument("--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (0.1)")
+    _add_workload_flags(quick)
     quick.add_argument("--examples", type=int, default=3, help="users to show recommendations for (default 3)")
-    quick.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    train = commands.add_parser(
+        "train",
+        help="train, evaluate and save the reference workload; runs unchanged under torchrun",
+        description="The quickstart's training and evaluation without the examples. Under 'torchrun "
+        "--nproc-per-node N' each process takes its slice of every global batch, negatives are shared across "
+        "processes and gradients summed, so the result does not depend on N; rank 0 prints and saves.",
+    )
+    _add_workload_flags(train)
 
     recommend = commands.add_parser(
         "recommend",
@@ -185,14 +200,21 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         learning_rate=args.learning_rate,
     )
     data = load_movielens(config.dataset, data_dir=args.data_dir)
-    print(
+    distributed.init_from_environment()
+    lead = distributed.rank() == 0
+    say = print if lead else _quiet
+    say(
         f"twotower quickstart: MovieLens {config.dataset}, {len(data):,} ratings; user-id and movie-title towers "
         f"({config.embedding_dim}-d), batch {config.batch_size}, {config.epochs} epochs"
     )
     started = time.perf_counter()
     model, prepared, results = train_and_evaluate(config, data=data, progress=not args.no_progress)
+    if distributed.is_distributed():
+        say(f"trained on {distributed.world_size()} processes, negatives shared across them")
     for row in results["history"]:
-        print(f"epoch {int(row['epoch'])}: mean batch loss {row['loss']:,.1f}")
+        say(f"epoch {int(row['epoch'])}: mean batch loss {row['loss']:,.1f}")
+    if not lead:
+        return results
     run_dir = save_run(args.run_dir, model, prepared, results, config)
     test = results["test"]
     print(f"\n{'test top-K accuracy (TFRS metric)':<36}{'untrained':>10}{'trained':>10}{'TFRS tutorial':>15}")
@@ -208,10 +230,14 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{'MRR@100':<36}{test['corpus/mrr']:>10.4f}")
     print(f"\nsaved the run to {run_dir} ({time.perf_counter() - started:.1f}s)")
     loaded = load_run(run_dir)
-    for user in prepared.users.values[: max(args.examples, 0)]:
+    for user in prepared.users.values[: max(getattr(args, "examples", 0), 0)]:
         titles = ", ".join(title for title, _ in recommend(loaded, str(user), k=5))
         print(f"user {user}: {titles}")
     return results
+
+
+def _quiet(*_: object, **__: object) -> None:
+    """Ranks other than 0 print nothing."""
 
 
 def run_recommend(args: argparse.Namespace) -> list[tuple[str, float]]:
@@ -228,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "quickstart":
+        if args.command in ("quickstart", "train"):
             run_quickstart(args)
         elif args.command == "recommend":
             run_recommend(args)

@@ -77,11 +77,29 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int
 
     Returns ``(parts, sizes)``: ``parts[r]`` is rank ``r``'s tensor.
     """
-    from torch.distributed.nn.functional import all_gather
-
     sizes = _sizes(tensor.shape[0], tensor.device)
-    gathered = all_gather(_pad(tensor, max(sizes)))  # type: ignore[no-untyped-call]
+    gathered = _AllGather.apply(_pad(tensor, max(sizes)))  # type: ignore[no-untyped-call]
     return [part[:size] for part, size in zip(gathered, sizes, strict=True)], sizes
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather whose backward sums each rank's share of the gradient over ranks and returns it to the rank.
+
+    (``torch.distributed.nn.functional.all_gather`` does this too but is deprecated in recent releases; an
+    all-reduce also works on gloo, which has no reduce-scatter.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *gradients: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([gradient.contiguous() for gradient in gradients])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        return stacked[dist.get_rank()]
 
 
 def gather(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:

@@ -175,6 +175,8 @@ def evaluate_ranking(model: BasicRetrievalModel, prepared: PreparedData) -> dict
     relevant = _per_user(prepared.test_users, prepared.test_titles, prepared.titles)
     seen = _per_user(prepared.train_users, prepared.train_titles, prepared.titles)
     user_rows = sorted(relevant)
+    # Under torch.distributed each rank ranks its share of the users; the metric sums the ranks' states.
+    user_rows = user_rows[distributed.shard_rows(len(user_rows))]
     metric = CorpusRanking(model.title_index(), ks=RECALL_KS, name="corpus")
     with torch.no_grad():
         queries = model.user_model(torch.as_tensor(user_rows))
@@ -197,9 +199,13 @@ def train_and_evaluate(
     optimizer = torch.optim.Adagrad(
         model.parameters(), lr=config.learning_rate, initial_accumulator_value=0.1, eps=1e-7
     )
+    # Under torch.distributed (torchrun) each rank takes its slice of every global batch; the gradients are
+    # summed, so training is the single-process computation on the same global batches.
+    shard = distributed.is_distributed()
     train = Batches(prepared.train_users, prepared.train_titles, batch_size=config.batch_size, shuffle=True,
-                    seed=config.seed)  # fmt: skip
-    test = Batches(prepared.test_users, prepared.test_titles, batch_size=config.test_batch_size, shuffle=False)
+                    seed=config.seed, shard=shard)  # fmt: skip
+    test = Batches(prepared.test_users, prepared.test_titles, batch_size=config.test_batch_size, shuffle=False,
+                   shard=shard)  # fmt: skip
     untrained = model.evaluate(test, progress=False)
     history = model.fit(train, optimizer, epochs=config.epochs, checkpoint_dir=checkpoint_dir, progress=progress)
     results = {**model.evaluate(test, progress=progress), **evaluate_ranking(model, prepared)}
