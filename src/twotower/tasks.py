@@ -27,6 +27,7 @@ from twotower._checks import (
     require_shape,
 )
 from twotower.losses import (
+    _BLOCK_ELEMENTS,
     MIN_FLOAT,
     HardNegativeMining,
     Reduction,
@@ -95,7 +96,8 @@ class Retrieval(nn.Module):
             initialised. Each rank's loss covers its own queries; ``"mean"`` divides by the global query count.
         fused: compute the default loss by blocks of rows without materialising the ``[nq, nc]`` logits, when
             nothing needs them (no batch metrics to update, no hard-negative selection, no custom loss). The
-            result is the same; it is faster and uses far less memory for large batches.
+            result is the same; it is faster and uses far less memory for large batches. ``None`` (default) does
+            so above about 2M logits, ``True`` whenever possible, ``False`` never.
 
     Differences from TFRS 0.7.7, where we follow TFRS's documentation rather than its code:
 
@@ -122,7 +124,7 @@ class Retrieval(nn.Module):
         *,
         reduction: Reduction = "sum",
         check_finite: bool = True,
-        fused: bool = True,
+        fused: bool | None = None,
         learnable_temperature: bool = False,
         temperature_range: tuple[float, float] = (1e-2, 10.0),
         negative_cache: CrossBatchNegatives | None = None,
@@ -306,12 +308,14 @@ class Retrieval(nn.Module):
             0 < self.num_hard_negatives < prepared.candidates.shape[0] - 1
         )
         return (
-            self.fused
+            self.fused is not False
             and not self.learnable_temperature
             and not need_logits
             and keeps_all
             and prepared.queries.ndim == 2
             and type(self.loss_fn) is SoftmaxCrossEntropy
+            # Below one block the logits fit in cache anyway, and the fused kernel of cross_entropy is faster.
+            and (self.fused is True or prepared.queries.shape[0] * prepared.candidates.shape[0] > _BLOCK_ELEMENTS)
         )
 
     def forward(
@@ -391,7 +395,19 @@ class Retrieval(nn.Module):
             loss = loss_fn.reduce(per_row, weight)
         else:
             logits, labels = self._logits(prepared)
-            loss = self.loss_fn(labels, logits, weight)
+            if type(self.loss_fn) is SoftmaxCrossEntropy:
+                # Labels are one-hot with the positive in column i (column 0 after hard-negative mining): the
+                # indexed cross-entropy equals -sum(labels * log_softmax) without the dense product.
+                positives = (
+                    torch.arange(logits.shape[0], device=logits.device)
+                    if self.hard_negative_mining is None
+                    else labels.argmax(dim=1)
+                )
+                loss = self.loss_fn.reduce(
+                    torch.nn.functional.cross_entropy(logits, positives, reduction="none"), weight
+                )
+            else:
+                loss = self.loss_fn(labels, logits, weight)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss must return a scalar tensor")
         reported = loss.detach()
