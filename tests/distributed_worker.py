@@ -113,6 +113,8 @@ def worker(rank: int, world: int, init_file: str, cases_file: str, output: str) 
         }
         if rank == 0:
             torch.save(results, output)
+        dist.barrier()
+        Path(f"{output}.done-{rank}").touch()
     finally:
         dist.destroy_process_group()
 
@@ -124,7 +126,13 @@ def run(world: int, cases: dict[str, Any], directory: Path) -> dict[str, Any]:
     cases_file, output = directory / "cases.pt", directory / "results.pt"
     torch.save(cases, cases_file)
     init_file = directory / "init"
-    mp.spawn(worker, args=(world, str(init_file), str(cases_file), str(output)), nprocs=world, join=True)
+    try:
+        mp.spawn(worker, args=(world, str(init_file), str(cases_file), str(output)), nprocs=world, join=True)
+    except mp.ProcessExitedException:
+        # gloo can abort a process while tearing its sockets down ("terminate called without an active
+        # exception") after the work is over. Accept that only if every rank got past its final barrier.
+        if not all(Path(f"{output}.done-{rank}").exists() for rank in range(world)):
+            raise
     result: dict[str, Any] = torch.load(output, weights_only=False)
     return result
 

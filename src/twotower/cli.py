@@ -255,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in ("quickstart", "train"):
-            run_quickstart(args)
+            try:
+                run_quickstart(args)
+            finally:
+                distributed.shutdown()
         elif args.command == "recommend":
             run_recommend(args)
         else:

@@ -58,6 +58,14 @@ def init_from_environment(backend: str | None = None) -> bool:
     return is_distributed()
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def _sizes(count: int, device: torch.device) -> list[int]:
     local = torch.tensor([count], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
