@@ -472,3 +472,161 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise ValueError("metadata is not a mapping")
     return metadata
+
+
+class Faiss(TopK):
+    """Approximate top-K with FAISS, by inner product, behind the same interface as the exact indexes.
+
+    Args:
+        factory: a FAISS index factory string, e.g. ``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF1024,PQ16"``
+            (see FAISS's ``index_factory``); the metric is always the inner product.
+        k: default number of results.
+        query_model: optional module applied to raw query features.
+        train_size: how many candidates (a seeded random sample) train the index, for index types that train.
+        nprobe: IVF cells visited per query (per-call override in :meth:`search`).
+        ef_search: HNSW search breadth (per-call override in :meth:`search`).
+        seed: seed of the training sample.
+
+    Exclusions are applied by retrieving ``k`` plus the number of excluded ids of each query and removing them,
+    as TFRS does for approximate indexes: with an approximate index an excluded item cannot be skipped inside
+    the search.
+    """
+
+    def __init__(
+        self,
+        factory: str = "IVF1024,Flat",
+        k: int = 10,
+        query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None,
+        train_size: int = 100_000,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(k, query_model)
+        if not isinstance(factory, str) or not factory:
+            raise ValueError(f"factory must be a FAISS index factory string, got {factory!r}")
+        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+            raise ValueError(f"train_size must be a positive int, got {train_size!r}")
+        self.factory, self.train_size, self.seed = factory, train_size, seed
+        self.nprobe, self.ef_search = (
+            _check_optional_positive(nprobe, "nprobe"),
+            _check_optional_positive(ef_search, "ef_search"),
+        )
+        self._index: Any = None
+        self._count = 0
+        self._dimension = 0
+
+    def is_exact(self) -> bool:
+        return False
+
+    @property
+    def num_candidates(self) -> int:
+        return self._count
+
+    @property
+    def dimension(self) -> int:
+        if self._index is None:
+            raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
+        return self._dimension
+
+    def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Faiss:
+        import faiss
+
+        candidates = require_floating(candidates, "candidates", (2,))
+        if candidates.shape[0] == 0:
+            raise ValueError("candidates must hold at least one row: the corpus must not be empty")
+        require_finite(candidates, "candidates")
+        values = (
+            np.arange(candidates.shape[0], dtype=np.int64)
+            if identifiers is None
+            else encode_ids(identifiers, "identifiers", candidates.shape[0])[1]
+        )
+        matrix = np.ascontiguousarray(candidates.detach().cpu().to(torch.float32).numpy())
+        try:
+            index = faiss.index_factory(matrix.shape[1], self.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:
+            raise ValueError(f"FAISS cannot build {self.factory!r}: {error}") from error
+        if not index.is_trained:
+            rng = np.random.default_rng(self.seed)
+            sample = matrix[rng.permutation(matrix.shape[0])[: self.train_size]]
+            index.train(sample)
+        index.add(matrix)
+        self._index, self._count, self._dimension = index, int(matrix.shape[0]), int(matrix.shape[1])
+        self._ids = IdTable(values)
+        return self
+
+    def _set_parameters(self, nprobe: int | None, ef_search: int | None) -> None:
+        import faiss
+
+        space = faiss.ParameterSpace()
+        for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+            if value is not None:
+                try:
+                    space.set_index_parameter(self._index, name, value)
+                except RuntimeError as error:
+                    raise ValueError(f"{name} does not apply to a {self.factory!r} index: {error}") from error
+
+    def search(
+        self, queries: Any, k: int | None = None, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[torch.Tensor, Ids]:
+        """Like calling the index, with per-call ``nprobe`` / ``ef_search``."""
+        self._set_parameters(
+            _check_optional_positive(nprobe, "nprobe") or self.nprobe,
+            _check_optional_positive(ef_search, "ef_search") or self.ef_search,
+        )
+        return self._query(queries, k, None)
+
+    def _search(
+        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._index is None:
+            raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
+        self._set_parameters(self.nprobe, self.ef_search)
+        extra = 0 if exclusions is None else int((exclusions >= 0).sum(dim=1).max())
+        wanted = min(k + extra, self._count)
+        matrix = np.ascontiguousarray(queries.detach().cpu().to(torch.float32).numpy())
+        scores_np, rows_np = self._index.search(matrix, wanted)
+        scores = torch.as_tensor(scores_np)
+        rows = torch.as_tensor(rows_np).to(torch.int64)
+        # FAISS marks missing results with -1 (few cells probed): they rank last.
+        scores = scores.masked_fill(rows < 0, float("-inf"))
+        if exclusions is not None:
+            excluded = (rows[:, :, None] == exclusions[:, None, :].cpu()).any(dim=2) & (rows >= 0)
+            scores = scores.masked_fill(excluded, float("-inf"))
+            order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+            scores, rows = scores.gather(1, order), rows.gather(1, order)
+        scores, rows = scores[:, :k], rows[:, :k]
+        if scores.shape[1] < k:
+            pad = k - scores.shape[1]
+            scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
+            rows = torch.cat([rows, rows.new_full((rows.shape[0], pad), -1)], dim=1)
+        return scores.to(queries.device), rows.masked_fill(scores == float("-inf"), -1).to(queries.device)
+
+
+def _check_optional_positive(value: int | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def recall_against_exact(approximate: TopK, exact: TopK, queries: torch.Tensor, k: int) -> tuple[float, float, float]:
+    """Recall@k of ``approximate`` against ``exact`` on ``queries``, and both indexes' queries/s.
+
+    Returns:
+        ``(recall, approximate queries/s, exact queries/s)``: recall is the mean fraction of each query's exact
+        top-``k`` ids that the approximate index also returns in its top ``k``.
+    """
+    import time
+
+    started = time.perf_counter()
+    _, truth = exact(queries, k=k)
+    exact_rate = queries.shape[0] / (time.perf_counter() - started)
+    started = time.perf_counter()
+    _, found = approximate(queries, k=k)
+    approximate_rate = queries.shape[0] / (time.perf_counter() - started)
+    truth_np = truth.cpu().numpy() if isinstance(truth, torch.Tensor) else truth
+    found_np = found.cpu().numpy() if isinstance(found, torch.Tensor) else found
+    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(truth_np, found_np, strict=True)]
+    return float(np.mean(hits) / k), approximate_rate, exact_rate

@@ -1,0 +1,82 @@
+"""The FAISS index behind the common top-K interface, against the exact index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install -e '.[test]')")
+
+from twotower import BruteForce, FactorizedTopK
+from twotower.indexes import Faiss, recall_against_exact
+
+
+def _data(n: int = 4000, nq: int = 200, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=generator), torch.randn(nq, d, generator=generator)
+
+
+def test_flat_equals_exact_with_ids_and_exclusions() -> None:
+    corpus, queries = _data()
+    ids = np.array([f"item{i}" for i in range(corpus.shape[0])])
+    approximate = Faiss("Flat", k=10).index(corpus, ids)
+    exact = BruteForce(k=10).index(corpus, ids)
+    assert not approximate.is_exact()
+    scores, found = approximate(queries)
+    exact_scores, exact_found = exact(queries)
+    assert np.mean(found == exact_found) > 0.999  # only float-rounding swaps of near-ties
+    torch.testing.assert_close(scores, exact_scores, rtol=1e-4, atol=1e-4)
+    exclusions = [list(row[:3]) for row in exact_found]  # exclude each query's 3 best
+    _, kept = approximate.query_with_exclusions(queries, exclusions, k=5)
+    _, expected = exact.query_with_exclusions(queries, exclusions, k=5)
+    assert np.mean(kept == expected) > 0.999
+    assert not any(set(row) & set(excluded) for row, excluded in zip(kept.tolist(), exclusions, strict=True))
+
+
+def test_ivf_recall_grows_with_nprobe_and_is_exact_when_probing_all() -> None:
+    corpus, queries = _data()
+    approximate = Faiss("IVF32,Flat", k=20, train_size=4000).index(corpus)
+    exact = BruteForce(k=20).index(corpus)
+    approximate.nprobe = 1
+    low, _, _ = recall_against_exact(approximate, exact, queries, k=20)
+    approximate.nprobe = 32
+    full, _, _ = recall_against_exact(approximate, exact, queries, k=20)
+    assert full > 0.999
+    assert 0.1 < low < full
+    _, per_call = approximate.search(queries, k=20, nprobe=32)
+    _, truth = exact(queries, k=20)
+    assert np.mean(per_call.numpy() == truth.numpy()) > 0.999
+
+
+def test_hnsw_recall() -> None:
+    corpus, queries = _data(n=3000)
+    approximate = Faiss("HNSW32", k=10, ef_search=256).index(corpus)
+    recall, _, _ = recall_against_exact(approximate, BruteForce(k=10).index(corpus), queries, k=10)
+    assert recall > 0.95
+
+
+def test_factorized_metric_needs_ids_with_an_approximate_index() -> None:
+    corpus, queries = _data(n=500)
+    metric = FactorizedTopK(Faiss("Flat", k=10).index(corpus), ks=(1, 10))
+    with pytest.raises(ValueError, match="needs an exact index"):
+        metric.update(queries[:4], corpus[:4])
+    metric.update(queries[:4], corpus[:4], torch.arange(4))
+    exact = FactorizedTopK(BruteForce(k=10).index(corpus), ks=(1, 10))
+    exact.update(queries[:4], corpus[:4], torch.arange(4))
+    assert metric.results() == exact.results()
+
+
+def test_bad_input() -> None:
+    corpus, queries = _data(n=300)
+    with pytest.raises(ValueError, match="FAISS cannot build"):
+        Faiss("NotAnIndex").index(corpus)
+    with pytest.raises(ValueError, match="nprobe must be a positive int"):
+        Faiss("IVF4,Flat", nprobe=0)
+    with pytest.raises(ValueError, match="nprobe does not apply"):
+        Faiss("HNSW16", nprobe=4).index(corpus)(queries)
+    with pytest.raises(RuntimeError, match="has not been built"):
+        Faiss("Flat")(queries)
+    index = Faiss("Flat").index(corpus)
+    with pytest.raises(ValueError, match="dimension 8 but the index holds 16-d"):
+        index(torch.randn(2, 8))
