@@ -80,3 +80,24 @@ def test_bad_input() -> None:
     index = Faiss("Flat").index(corpus)
     with pytest.raises(ValueError, match="dimension 8 but the index holds 16-d"):
         index(torch.randn(2, 8))
+
+
+def test_save_load_round_trip_and_refusals(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    corpus, queries = _data(n=2000)
+    ids = np.arange(2000) * 7
+    index = Faiss("IVF16,Flat", k=10, nprobe=4, train_size=2000).index(corpus, ids)
+    path = tmp_path / "faiss.safetensors"
+    index.save(path)
+    loaded = Faiss.load(path)
+    assert (loaded.factory, loaded.nprobe, loaded.k) == ("IVF16,Flat", 4, 10)
+    before, after = index(queries), loaded(queries)
+    torch.testing.assert_close(before[0], after[0], rtol=0, atol=0)
+    assert torch.equal(before[1], after[1])
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt"):
+        Faiss.load(tmp_path / "bad.safetensors")
+    BruteForce().index(corpus).save(tmp_path / "exact.safetensors")
+    with pytest.raises(ValueError, match="not a twotower Faiss index"):
+        Faiss.load(tmp_path / "exact.safetensors")

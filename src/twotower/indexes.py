@@ -307,20 +307,10 @@ class BruteForce(TopK):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to ``path`` (safetensors) atomically, with a checksum of its contents."""
-        from safetensors.torch import save
-
         if self.candidates is None:
             raise RuntimeError("BruteForce has not been built: nothing to save")
-        tensors = {"candidates": self.candidates.detach().cpu().contiguous()}
-        tensors.update(_ids_to_tensors(self.ids))
-        payload_digest = _digest(tensors)
-        metadata = {
-            "format": "twotower.BruteForce",
-            "version": "1",
-            "k": str(self.k),
-            "sha256": payload_digest,
-        }
-        atomic_write(Path(path), save(tensors, metadata=metadata))
+        tensors = {"candidates": self.candidates.detach().cpu().contiguous(), **_ids_to_tensors(self.ids)}
+        _save_index_file(Path(path), "twotower.BruteForce", tensors, {"k": str(self.k)})
 
     @classmethod
     def load(
@@ -329,22 +319,7 @@ class BruteForce(TopK):
         query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None,
     ) -> BruteForce:
         """Read an index written by :meth:`save`, verifying its format and checksum."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no index file at {path}")
-        data = path.read_bytes()
-        try:
-            tensors = load(data)
-            metadata = _read_metadata(data)
-        except (SafetensorError, ValueError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a valid twotower index file: {error}") from error
-        if metadata.get("format") != "twotower.BruteForce":
-            raise ValueError(f"{path} is not a twotower BruteForce index (format {metadata.get('format')!r})")
-        if _digest(tensors) != metadata.get("sha256"):
-            raise ValueError(f"{path} is corrupt: its contents do not match the checksum written with it")
+        tensors, metadata = _load_index_file(Path(path), "twotower.BruteForce")
         index = cls(k=int(metadata["k"]), query_model=query_model)
         index.index(tensors["candidates"], _ids_from_tensors(tensors))
         return index
@@ -434,6 +409,35 @@ class Streaming(TopK):
                 f"the dataset changed between index_from_dataset and this query: it yielded {offset} candidates, "
                 f"{self._num_candidates} expected"
             )
+
+
+def _save_index_file(path: Path, kind: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors and metadata as one safetensors file, atomically, with the SHA-256 of the tensors."""
+    from safetensors.torch import save
+
+    header = {"format": kind, "version": "1", **metadata, "sha256": _digest(tensors)}
+    atomic_write(path, save(tensors, metadata=header))
+
+
+def _load_index_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by :func:`_save_index_file`, refusing a foreign, malformed or corrupt one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no index file at {path}")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        metadata = _read_metadata(data)
+    except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a valid twotower index file: {error}") from error
+    if metadata.get("format") != kind:
+        name = kind.split(".")[-1]
+        raise ValueError(f"{path} is not a twotower {name} index (format {metadata.get('format')!r})")
+    if _digest(tensors) != metadata.get("sha256"):
+        raise ValueError(f"{path} is corrupt: its contents do not match the checksum written with it")
+    return tensors, metadata
 
 
 def _ids_to_tensors(table: IdTable) -> dict[str, torch.Tensor]:
@@ -566,6 +570,17 @@ class Faiss(TopK):
                 except RuntimeError as error:
                     raise ValueError(f"{name} does not apply to a {self.factory!r} index: {error}") from error
 
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the FAISS index, ids and settings to ``path`` (safetensors) atomically, with a checksum."""
+        _faiss_save(self, path)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None
+    ) -> Faiss:
+        """Read an index written by :meth:`save`, verifying its format and checksum."""
+        return _faiss_load(path, query_model)
+
     def search(
         self, queries: Any, k: int | None = None, nprobe: int | None = None, ef_search: int | None = None
     ) -> tuple[torch.Tensor, Ids]:
@@ -601,6 +616,42 @@ class Faiss(TopK):
             scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
             rows = torch.cat([rows, rows.new_full((rows.shape[0], pad), -1)], dim=1)
         return scores.to(queries.device), rows.masked_fill(scores == float("-inf"), -1).to(queries.device)
+
+
+def _faiss_save(index: Faiss, path: str | os.PathLike[str]) -> None:
+    import faiss
+
+    if index._index is None:
+        raise RuntimeError("Faiss has not been built: nothing to save")
+    tensors = {"faiss_index": torch.as_tensor(faiss.serialize_index(index._index).copy()), **_ids_to_tensors(index.ids)}
+    metadata = {
+        "factory": index.factory,
+        "k": str(index.k),
+        "nprobe": str(index.nprobe or 0),
+        "ef_search": str(index.ef_search or 0),
+        "train_size": str(index.train_size),
+    }
+    _save_index_file(Path(path), "twotower.Faiss", tensors, metadata)
+
+
+def _faiss_load(path: str | os.PathLike[str], query_model: nn.Module | Callable[[Any], torch.Tensor] | None) -> Faiss:
+    import faiss
+
+    tensors, metadata = _load_index_file(Path(path), "twotower.Faiss")
+    index = Faiss(
+        metadata["factory"],
+        k=int(metadata["k"]),
+        query_model=query_model,
+        train_size=int(metadata["train_size"]),
+        nprobe=int(metadata["nprobe"]) or None,
+        ef_search=int(metadata["ef_search"]) or None,
+    )
+    index._index = faiss.deserialize_index(tensors["faiss_index"].numpy())
+    index._count, index._dimension = int(index._index.ntotal), int(index._index.d)
+    index._ids = IdTable(_ids_from_tensors(tensors))
+    if len(index._ids) != index._count:
+        raise ValueError(f"{path} is inconsistent: {len(index._ids)} ids for {index._count} vectors")
+    return index
 
 
 def _check_optional_positive(value: int | None, name: str) -> int | None:
