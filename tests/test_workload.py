@@ -119,3 +119,16 @@ def test_torchrun_two_processes_match_one(run_dir: Path, tmp_path: Path) -> None
     for name in ("factorized_top_k/top_10_categorical_accuracy", "factorized_top_k/top_100_categorical_accuracy",
                  "corpus/recall@100", "corpus/ndcg@100"):  # fmt: skip
         assert two[name] == pytest.approx(one[name], abs=2e-3), name
+
+
+def test_the_run_serves_its_bundle_over_http(run_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from twotower.serving import create_app, load_bundle
+
+    client = TestClient(create_app(load_bundle(run_dir / "bundle")))
+    assert client.get("/healthz").json()["candidates"] == 1664
+    response = client.post("/recommend", json={"user_id": "42", "k": 10})
+    assert response.status_code == 200
+    expected = recommend(load_run(run_dir), "42", k=10)
+    assert [(item["id"], item["score"]) for item in response.json()["items"]] == expected

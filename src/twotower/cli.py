@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from twotower.data.movielens import DataError, load_movielens
 from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
 from twotower.indexes import BruteForce
 from twotower.metrics import BatchTopKAccuracy, FactorizedTopK, LossMean
+from twotower.serving import BundleError
 from twotower.tasks import Retrieval
 from twotower.workload import PUBLISHED, RunError, WorkloadConfig, load_run, recommend, save_run, train_and_evaluate
 
@@ -108,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--user", required=True, help="the MovieLens user id, e.g. 42")
     recommend.add_argument("-k", type=_positive_int, default=10, help="number of titles (default 10)")
     recommend.add_argument("--include-seen", action="store_true", help="do not exclude titles seen in training")
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve recommendations over HTTP from a saved run (FastAPI + uvicorn)",
+        description="Load the retrieval bundle of a run saved by 'twotower quickstart' (RUN/bundle, every file "
+        "verified) and answer POST /recommend {user_id, k, exclude, exclude_seen} and GET /healthz.",
+    )
+    serve.add_argument("--run", required=True, help="the run directory (or a bundle directory)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
 
     synthetic = commands.add_parser(
         "synthetic",
@@ -236,6 +248,17 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def run_serve(args: argparse.Namespace) -> None:
+    """Serve the run's bundle with uvicorn until interrupted."""
+    import uvicorn
+
+    from twotower.serving import create_app, load_bundle
+
+    directory = Path(args.run)
+    bundle = load_bundle(directory / "bundle" if (directory / "bundle").is_dir() else directory)
+    uvicorn.run(create_app(bundle), host=args.host, port=args.port, log_level="warning")
+
+
 def _quiet(*_: object, **__: object) -> None:
     """Ranks other than 0 print nothing."""
 
@@ -261,9 +284,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 distributed.shutdown()
         elif args.command == "recommend":
             run_recommend(args)
+        elif args.command == "serve":
+            run_serve(args)
         else:
             run_synthetic(args)
-    except (DataError, RunError, KeyError, ValueError) as error:
+    except (DataError, RunError, BundleError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"twotower {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -244,6 +244,16 @@ def save_run(
         "config": asdict(config),
         "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
     }
+    from twotower.serving import _Tower, save_bundle
+
+    save_bundle(
+        directory / "bundle",
+        _Tower(model.user_model),
+        model.title_index(),
+        prepared.users,
+        json.loads(files["seen.json"]),
+        {"workload": "MovieLens basic retrieval", "config": asdict(config)},
+    )
     # The manifest goes last: a run without one (interrupted) is refused as incomplete.
     atomic_write(directory / "manifest.json", json.dumps(manifest, indent=2).encode())
     return directory

@@ -1,0 +1,121 @@
+"""Bundles and the HTTP service (FastAPI's TestClient): answers equal the in-process index; bad input gets 4xx."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("fastapi", reason="fastapi is not installed (pip install -e '.[test]')")
+from fastapi.testclient import TestClient
+
+from twotower import BruteForce
+from twotower.data.movielens import Vocabulary
+from twotower.indexes import Faiss
+from twotower.serving import BundleError, _Tower, create_app, load_bundle, save_bundle
+
+USERS = Vocabulary([f"u{i}" for i in range(40)])
+ITEMS = np.array([f"item-{i}" for i in range(300)])
+
+
+def _bundle(directory: Path, kind: str = "exact") -> tuple[Path, nn.Embedding, torch.Tensor]:
+    torch.manual_seed(0)
+    tower = nn.Embedding(len(USERS), 8)
+    items = torch.randn(300, 8)
+    index = BruteForce(k=10).index(items, ITEMS) if kind == "exact" else Faiss("Flat").index(items, ITEMS)
+    seen = {"u3": ["item-1", "item-2"]}
+    return save_bundle(directory / "bundle", _Tower(tower), index, USERS, seen, {"name": "test"}), tower, items
+
+
+def _expected(tower: nn.Embedding, items: torch.Tensor, user: str, k: int, excluded: list[str]) -> list[str]:
+    with torch.no_grad():
+        query = tower(torch.as_tensor(USERS.lookup([user])))
+    scores = (query.double() @ items.double().T)[0].numpy()
+    order = [j for j in np.argsort(-scores, kind="stable") if ITEMS[j] not in set(excluded)]
+    return [str(ITEMS[j]) for j in order[:k]]
+
+
+def test_recommend_matches_the_index_and_honours_exclusions(tmp_path: Path) -> None:
+    directory, tower, items = _bundle(tmp_path)
+    client = TestClient(create_app(load_bundle(directory)))
+    assert client.get("/healthz").json() == {"status": "ok", "candidates": 300, "exact": True}
+    response = client.post("/recommend", json={"user_id": "u7", "k": 5})
+    assert response.status_code == 200
+    assert [item["id"] for item in response.json()["items"]] == _expected(tower, items, "u7", 5, [])
+    best = _expected(tower, items, "u3", 3, ["item-1", "item-2"])
+    response = client.post("/recommend", json={"user_id": "u3", "k": 3, "exclude": [best[0]]})
+    got = [item["id"] for item in response.json()["items"]]
+    assert got == _expected(tower, items, "u3", 3, ["item-1", "item-2", best[0]])
+    with_seen = client.post("/recommend", json={"user_id": "u3", "k": 300, "exclude_seen": False}).json()["items"]
+    assert {"item-1", "item-2"} <= {item["id"] for item in with_seen}
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({}, 422),
+        ({"user_id": ""}, 422),
+        ({"user_id": "u1", "k": 0}, 422),
+        ({"user_id": "u1", "k": 5000}, 422),
+        ({"user_id": "u1", "k": "many"}, 422),
+        ({"user_id": "u1", "exclude": "item-1"}, 422),
+        ({"user_id": "nobody"}, 404),
+    ],
+)
+def test_bad_requests(tmp_path: Path, body: dict[str, object], status: int) -> None:
+    directory, _, _ = _bundle(tmp_path)
+    client = TestClient(create_app(load_bundle(directory)))
+    response = client.post("/recommend", json=body)
+    assert response.status_code == status
+    assert "detail" in response.json()
+
+
+def test_body_size_is_bounded(tmp_path: Path) -> None:
+    directory, _, _ = _bundle(tmp_path)
+    client = TestClient(create_app(load_bundle(directory)))
+    body = json.dumps({"user_id": "u1", "exclude": ["x" * 100] * 20_000})
+    response = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss"])
+def test_bundle_round_trip_is_bit_identical(tmp_path: Path, kind: str) -> None:
+    directory, tower, _ = _bundle(tmp_path, kind)
+    bundle = load_bundle(directory)
+    rows = torch.as_tensor(USERS.lookup(["u1", "u2", "u39"]))
+    with torch.no_grad():
+        assert torch.equal(bundle.tower(rows), tower(rows))
+    assert bundle.metadata == {"name": "test"}
+    first = bundle.recommend("u5", k=10)
+    again = load_bundle(directory).recommend("u5", k=10)
+    assert first == again
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("tamper", "was modified"),
+        ("remove", "is partial"),
+        ("extra", "does not list"),
+        ("manifest", "has no manifest.json"),
+    ],
+)
+def test_damaged_bundles_are_refused(tmp_path: Path, damage: str, message: str) -> None:
+    directory, _, _ = _bundle(tmp_path)
+    if damage == "tamper":
+        with (directory / "vocabulary.json").open("a") as handle:
+            handle.write(" ")
+    elif damage == "remove":
+        (directory / "seen.json").unlink()
+    elif damage == "extra":
+        (directory / "notes.txt").write_text("x")
+    else:
+        (directory / "manifest.json").unlink()
+    with pytest.raises(BundleError, match=message):
+        load_bundle(directory)
+    with pytest.raises(BundleError, match="no bundle directory"):
+        load_bundle(tmp_path / "missing")
