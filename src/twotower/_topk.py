@@ -176,8 +176,13 @@ def search_plain(
     k: int,
     exclusions: torch.Tensor | None = None,
     mode: str | None = None,
+    piece_cache: dict[tuple[str, int, int], tuple[torch.Tensor, float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ candidates.T`` by blocks; ``mode`` as :func:`search_mode` (its default).
+
+    ``piece_cache``, when given, keeps each candidate piece's converted copy and norm bound between calls (for a
+    corpus that does not change, such as a built :class:`~twotower.indexes.BruteForce`), so that a query batch
+    of one row does not pay for converting the whole corpus.
 
     Same contract as :func:`search_chunks`, with the chunks (an iterable, iterated once) given directly, except
     that in ``"screen"`` mode excluded candidates never appear (their slots stay empty).
@@ -203,10 +208,16 @@ def search_plain(
     for offset, chunk in chunks:
         for piece_offset, piece in _split(offset, chunk, chunk_size):
             piece = piece.contiguous()
-            screen_piece = piece.to(screen_dtype)
-            factor = 0.0
-            if mode == "screen":
-                factor = SCREEN_EPSILON * float(torch.linalg.vector_norm(piece, dim=1).max())
+            key = (mode, piece_offset, piece.shape[0])
+            if piece_cache is not None and key in piece_cache:
+                screen_piece, factor = piece_cache[key]
+            else:
+                screen_piece = piece.to(screen_dtype)
+                factor = 0.0
+                if mode == "screen":
+                    factor = SCREEN_EPSILON * float(torch.linalg.vector_norm(piece, dim=1).max())
+                if piece_cache is not None:
+                    piece_cache[key] = (screen_piece, factor)
             for number, ((start, end), state, (ex_rows, ex_positions)) in enumerate(
                 zip(blocks, states, excluded, strict=True)
             ):
@@ -263,6 +274,7 @@ def search_chunks(
     chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]],
     k: int,
     exclusions: torch.Tensor | None = None,
+    piece_cache: dict[tuple[str, int, int], tuple[torch.Tensor, float]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ candidates.T`` where the candidates arrive as chunks.
 
@@ -272,6 +284,7 @@ def search_chunks(
             offset order; it is iterated once, or twice when exclusions leave a query fewer than ``k`` candidates.
         k: how many results per query.
         exclusions: optional ``[nq, E]`` int64 candidate positions to leave out (``-1`` pads).
+        piece_cache: see :func:`search_plain`.
 
     Returns:
         ``(scores [nq, k], positions [nq, k])`` sorted by descending score, ties by ascending position. Excluded
@@ -279,7 +292,7 @@ def search_chunks(
         ``k`` candidates in all) have position ``-1`` and score ``-inf``.
     """
     mode = search_mode(queries)
-    values, positions = search_plain(queries, chunks(), k, exclusions, mode)
+    values, positions = search_plain(queries, chunks(), k, exclusions, mode, piece_cache)
     if mode == "screen" and exclusions is not None:
         short = torch.nonzero((positions < 0).any(dim=1)).squeeze(1)
         if short.numel():

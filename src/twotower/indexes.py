@@ -268,6 +268,8 @@ class BruteForce(TopK):
     def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
         super().__init__(k, query_model)
         self.candidates: torch.Tensor | None = None
+        # Converted pieces of the corpus (the bfloat16 screen copy: half the corpus's memory), kept between calls.
+        self._piece_cache: dict[tuple[str, int, int], tuple[torch.Tensor, float]] = {}
 
     def is_exact(self) -> bool:
         return True
@@ -292,6 +294,7 @@ class BruteForce(TopK):
         else:
             _, values = encode_ids(identifiers, "identifiers", candidates.shape[0])
         self.candidates = candidates.detach().to(_compute_dtype(candidates.dtype)).contiguous()
+        self._piece_cache = {}
         self._ids = IdTable(values)
         return self
 
@@ -303,7 +306,7 @@ class BruteForce(TopK):
         if exclusions is not None:
             exclusions = exclusions.to(self.candidates.device)
         candidates = self.candidates
-        return _topk.search_chunks(queries, lambda: [(0, candidates)], k, exclusions)
+        return _topk.search_chunks(queries, lambda: [(0, candidates)], k, exclusions, self._piece_cache)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to ``path`` (safetensors) atomically, with a checksum of its contents."""
