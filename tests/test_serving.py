@@ -98,8 +98,8 @@ def test_bundle_round_trip_is_bit_identical(tmp_path: Path, kind: str) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("tamper", "was modified"),
-        ("remove", "is partial"),
+        ("tamper", "was modified: its SHA-256 does not match the manifest"),
+        ("remove", r"is incomplete: seen\.json is missing"),
         ("extra", "does not list"),
         ("manifest", "has no manifest.json"),
     ],

@@ -58,7 +58,7 @@ def test_recommend_excludes_seen_titles(run_dir: Path, capsys: pytest.CaptureFix
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("corrupt", "is corrupt: its SHA-256 does not match the manifest"),
+        ("corrupt", "is corrupt or was modified: its SHA-256 does not match the manifest"),
         ("no_manifest", "has no manifest.json"),
         ("missing_file", "is incomplete: plot.png is missing"),
     ],

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from twotower._files import atomic_write
+from twotower._files import atomic_write, read_verified_directory
 from twotower.data.movielens import Vocabulary
 from twotower.indexes import BruteForce, Faiss, TopK
 
@@ -145,27 +145,8 @@ def _load_tower(path: Path) -> Any:
 def load_bundle(directory: str | os.PathLike[str]) -> Bundle:
     """Load a bundle written by :func:`save_bundle`, verifying every file against the manifest."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise BundleError(f"no bundle directory at {directory}")
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise BundleError(f"{directory} has no manifest.json: not a bundle, or a partial one")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise BundleError(f"{manifest_path} is corrupt: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{manifest_path} is not a {BUNDLE_FORMAT} manifest")
-    for name, digest in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise BundleError(f"{directory} is partial: {name} is missing")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise BundleError(f"{path} was modified: its SHA-256 does not match the manifest")
-    extra = {path.name for path in directory.iterdir()} - set(manifest["files"]) - {"manifest.json"}
-    if extra:
-        raise BundleError(f"{directory} holds files the manifest does not list: {sorted(extra)}")
-    info = json.loads((directory / "metadata.json").read_text())
+    _, contents = read_verified_directory(directory, BUNDLE_FORMAT, BundleError, "bundle", exclusive=True)
+    info = json.loads(contents["metadata.json"])
     tower_path = directory / info["tower"]
     tower = _load_tower(tower_path)
     index: TopK
@@ -176,8 +157,8 @@ def load_bundle(directory: str | os.PathLike[str]) -> Bundle:
     return Bundle(
         tower=tower,
         index=index,
-        vocabulary=Vocabulary(json.loads((directory / "vocabulary.json").read_text())),
-        seen=json.loads((directory / "seen.json").read_text()),
+        vocabulary=Vocabulary(json.loads(contents["vocabulary.json"])),
+        seen=json.loads(contents["seen.json"]),
         metadata=info["metadata"],
     )
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from twotower import distributed
-from twotower._files import atomic_write
+from twotower._files import atomic_write, read_verified_directory
 from twotower.data.movielens import MovieLens, Vocabulary, load_movielens
 from twotower.indexes import BruteForce, Streaming
 from twotower.metrics import CorpusRanking, FactorizedTopK
@@ -303,25 +303,8 @@ def load_run(directory: str | os.PathLike[str]) -> LoadedRun:
     from safetensors.torch import load
 
     directory = Path(directory)
-    if not directory.is_dir():
-        raise RunError(f"no run directory at {directory}")
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise RunError(f"{directory} has no manifest.json: not a twotower run, or an interrupted one")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
-        raise RunError(f"{manifest_path} is corrupt: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
-        raise RunError(f"{manifest_path} is not a {RUN_FORMAT} manifest")
-    contents: dict[str, bytes] = {}
-    for name, digest in manifest["files"].items():
-        path = directory / name
-        if not path.is_file():
-            raise RunError(f"{directory} is incomplete: {name} is missing")
-        contents[name] = path.read_bytes()
-        if hashlib.sha256(contents[name]).hexdigest() != digest:
-            raise RunError(f"{path} is corrupt: its SHA-256 does not match the manifest")
+    # The run's bundle/ folder has a manifest of its own: the run's manifest is not exclusive.
+    manifest, contents = read_verified_directory(directory, RUN_FORMAT, RunError, "run", exclusive=False)
     vocabularies = json.loads(contents["vocabularies.json"])
     config = WorkloadConfig(**manifest["config"])
     model = BasicRetrievalModel(
