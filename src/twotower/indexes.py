@@ -234,6 +234,17 @@ class TopK(nn.Module, abc.ABC):
         return torch.as_tensor(positions)
 
 
+def _check_corpus(candidates: Any, identifiers: Any) -> tuple[torch.Tensor, np.ndarray]:
+    """A non-empty, finite ``[n, d]`` corpus and its ``n`` ids (row positions when ``identifiers`` is None)."""
+    candidates = require_floating(candidates, "candidates", (2,))
+    if candidates.shape[0] == 0:
+        raise ValueError("candidates must hold at least one row: the corpus must not be empty")
+    require_finite(candidates, "candidates")
+    if identifiers is None:
+        return candidates, np.arange(candidates.shape[0], dtype=np.int64)
+    return candidates, encode_ids(identifiers, "identifiers", candidates.shape[0])[1]
+
+
 def _check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -285,14 +296,7 @@ class BruteForce(TopK):
         return int(self.candidates.shape[1])
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> BruteForce:
-        candidates = require_floating(candidates, "candidates", (2,))
-        if candidates.shape[0] == 0:
-            raise ValueError("candidates must hold at least one row: the corpus must not be empty")
-        require_finite(candidates, "candidates")
-        if identifiers is None:
-            values = np.arange(candidates.shape[0], dtype=np.int64)
-        else:
-            _, values = encode_ids(identifiers, "identifiers", candidates.shape[0])
+        candidates, values = _check_corpus(candidates, identifiers)
         self.candidates = candidates.detach().to(_compute_dtype(candidates.dtype)).contiguous()
         self._piece_cache = {}
         self._ids = IdTable(values)
@@ -539,15 +543,7 @@ class Faiss(TopK):
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Faiss:
         import faiss
 
-        candidates = require_floating(candidates, "candidates", (2,))
-        if candidates.shape[0] == 0:
-            raise ValueError("candidates must hold at least one row: the corpus must not be empty")
-        require_finite(candidates, "candidates")
-        values = (
-            np.arange(candidates.shape[0], dtype=np.int64)
-            if identifiers is None
-            else encode_ids(identifiers, "identifiers", candidates.shape[0])[1]
-        )
+        candidates, values = _check_corpus(candidates, identifiers)
         matrix = np.ascontiguousarray(candidates.detach().cpu().to(torch.float32).numpy())
         try:
             index = faiss.index_factory(matrix.shape[1], self.factory, faiss.METRIC_INNER_PRODUCT)

@@ -38,6 +38,11 @@ def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels must have the shape of logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
 
 
+def sampling_correction_bias(probability: torch.Tensor) -> torch.Tensor:
+    """The logQ term added to each column's logit: ``-log(clip(p, 1e-6, 1))``, shape of ``probability``."""
+    return -torch.log(probability.clamp(1e-6, 1.0))
+
+
 class SamplingProbabilityCorrection(nn.Module):
     """Subtract the log of each candidate's sampling probability from its logits (logQ correction).
 
@@ -57,7 +62,7 @@ class SamplingProbabilityCorrection(nn.Module):
             )
         require_finite(probability, "candidate_sampling_probability")
         probability = probability.to(logits.dtype)
-        return logits - torch.log(probability.clamp(1e-6, 1.0))
+        return logits + sampling_correction_bias(probability)
 
 
 class RemoveAccidentalHits(nn.Module):

@@ -32,9 +32,9 @@ from twotower.losses import (
     HardNegativeMining,
     Reduction,
     RemoveAccidentalHits,
-    SamplingProbabilityCorrection,
     SoftmaxCrossEntropy,
     in_batch_softmax_cross_entropy,
+    sampling_correction_bias,
 )
 from twotower.metrics import FactorizedMetric, RetrievalMetric
 from twotower.sampling import CrossBatchNegatives
@@ -162,7 +162,6 @@ class Retrieval(nn.Module):
         self.hard_negative_mining = HardNegativeMining(num_hard_negatives) if num_hard_negatives is not None else None
         self.remove_accidental_hits = remove_accidental_hits
         self.accidental_hits = RemoveAccidentalHits()
-        self.sampling_correction = SamplingProbabilityCorrection()
         self.name = name or "retrieval"
         self.check_finite = check_finite
         self.fused = fused
@@ -237,7 +236,7 @@ class Retrieval(nn.Module):
             )
             if bool(((probability < 0) | (probability > 1)).any()):
                 raise ValueError("candidate_sampling_probability must lie in [0, 1]")
-            bias = -torch.log(probability.clamp(1e-6, 1.0))
+            bias = sampling_correction_bias(probability)
         codes = None
         if self.remove_accidental_hits:
             if candidate_ids is None:
@@ -265,7 +264,6 @@ class Retrieval(nn.Module):
         if temperature is not None:
             scores = scores / temperature
         if prepared.bias is not None:
-            # Equal to SamplingProbabilityCorrection: the bias is -log(clip(p, 1e-6, 1)).
             scores = scores + prepared.bias
         if prepared.codes is not None:
             scores = self.accidental_hits(labels, scores, prepared.codes)

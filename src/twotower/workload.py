@@ -233,7 +233,8 @@ def save_run(
         {"user_id": prepared.users.to_list(), "movie_title": prepared.titles.to_list()}
     ).encode()
     seen = _per_user(prepared.train_users, prepared.train_titles, prepared.titles)
-    files["seen.json"] = json.dumps({prepared.users.values[user - 1]: titles for user, titles in seen.items()}).encode()
+    seen_by_id = {str(prepared.users.values[user - 1]): titles for user, titles in seen.items()}
+    files["seen.json"] = json.dumps(seen_by_id).encode()
     files["metrics.json"] = json.dumps({"config": asdict(config), **results}, indent=2).encode()
     files["plot.png"] = _plot(results)
     for name, payload in files.items():
@@ -251,7 +252,7 @@ def save_run(
         _Tower(model.user_model),
         model.title_index(),
         prepared.users,
-        json.loads(files["seen.json"]),
+        seen_by_id,
         {"workload": "MovieLens basic retrieval", "config": asdict(config)},
     )
     # The manifest goes last: a run without one (interrupted) is refused as incomplete.
