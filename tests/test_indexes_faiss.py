@@ -49,6 +49,20 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_when_probing_all() -> None:
     assert np.mean(per_call.numpy() == truth.numpy()) > 0.999
 
 
+@pytest.mark.parametrize("default_nprobe", [None, 1, 2])
+def test_per_call_nprobe_applies_to_that_call_only(default_nprobe: int | None) -> None:
+    corpus, queries = _data()
+    approximate = Faiss("IVF32,Flat", k=20, train_size=4000, nprobe=default_nprobe).index(corpus)
+    _, truth = BruteForce(k=20).index(corpus)(queries, k=20)
+    _, before = approximate(queries)
+    _, probing_all = approximate.search(queries, nprobe=32)
+    _, after = approximate(queries)
+    # Probing every cell is exact; a smaller default probes fewer cells and misses some of the true top 20.
+    assert np.mean(probing_all.numpy() == truth.numpy()) > 0.999
+    assert np.mean(before.numpy() == truth.numpy()) < 0.9
+    assert torch.equal(after, before)
+
+
 def test_hnsw_recall() -> None:
     corpus, queries = _data(n=3000)
     approximate = Faiss("HNSW32", k=10, ef_search=256).index(corpus)

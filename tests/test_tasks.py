@@ -17,6 +17,7 @@ from reference import (
     weighted_mean,
 )
 from twotower import BatchAUC, BatchTopKAccuracy, BruteForce, FactorizedTopK, LossMean, Retrieval
+from twotower.losses import MIN_FLOAT
 
 
 def _sigmoid(x: float) -> float:
@@ -518,7 +519,11 @@ class TestFusedLoss:
         torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-4, atol=1e-5)
         _check(Retrieval(temperature=temperature, remove_accidental_hits=remove), base_q, base_c, **call)
 
-    def test_gradcheck_blocked_with_all_options(self) -> None:
+    @pytest.mark.parametrize("block_rows", [2, None])
+    @pytest.mark.parametrize("with_mask", [True, False])
+    def test_gradcheck_blocked_with_all_options(self, block_rows: int | None, with_mask: bool) -> None:
+        """Several blocks (one partial) recompute the logits in the backward; a single block keeps them, and
+        without a mask takes its gradient through the thin factors only."""
         from twotower.losses import in_batch_softmax_cross_entropy
 
         generator = torch.Generator().manual_seed(9)
@@ -529,18 +534,42 @@ class TestFusedLoss:
         mask = torch.rand(5, 8, generator=generator) > 0.2
         # A masked positive makes the loss ~3.4e36, whose finite differences vanish in float64: keep positives.
         mask[torch.arange(5), torch.arange(5)] = True
+        score_mask = mask if with_mask else None
 
         def per_row(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            # block_rows=2: several blocks, one of them partial.
-            return in_batch_softmax_cross_entropy(q, c, 0.7, bias, codes, mask, block_rows=2)
+            return in_batch_softmax_cross_entropy(q, c, 0.7, bias, codes, score_mask, block_rows=block_rows)
 
         assert torch.autograd.gradcheck(per_row, (queries, candidates), eps=1e-6, atol=1e-6)
         logits, labels = reference_logits(
             queries.detach().numpy(), candidates.detach().numpy(), 0.7, np.exp(-bias.numpy()), codes.tolist(),
-            True, mask.numpy(),
+            True, mask.numpy() if with_mask else None,
         )  # fmt: skip
         expected = [reference_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(5)]
         np.testing.assert_allclose(per_row(queries, candidates).detach().numpy(), expected, rtol=1e-9)
+
+    def test_backward_twice_with_retained_graph(self) -> None:
+        """The single-block backward reuses the forward's exponentials: a second backward must see them intact."""
+        from twotower.losses import in_batch_softmax_cross_entropy
+
+        generator = torch.Generator().manual_seed(3)
+        queries = torch.randn(6, 4, generator=generator, requires_grad=True)
+        candidates = torch.randn(9, 4, generator=generator, requires_grad=True)
+        mask = torch.rand(6, 9, generator=generator) > 0.3
+        for score_mask in (None, mask):
+            loss = in_batch_softmax_cross_entropy(queries, candidates, 0.5, score_mask=score_mask).sum()
+            first = torch.autograd.grad(loss, (queries, candidates), retain_graph=True)
+            second = torch.autograd.grad(loss, (queries, candidates))
+            for a, b in zip(first, second, strict=True):
+                assert torch.equal(a, b)
+            # Independent check of the first: the materialised softmax cross-entropy's gradient.
+            logits = queries @ candidates.T / 0.5
+            if score_mask is not None:
+                logits = torch.where(score_mask, logits, torch.full_like(logits, MIN_FLOAT))
+            expected = torch.autograd.grad(
+                torch.nn.functional.cross_entropy(logits, torch.arange(6), reduction="sum"), (queries, candidates)
+            )
+            for a, b in zip(first, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     def test_batch_metrics_use_the_materialised_logits(self) -> None:
         queries, candidates = _random(4, 4)

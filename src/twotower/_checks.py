@@ -6,6 +6,7 @@ argument and what was expected, instead of a shape error deep inside torch or, w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,10 @@ def require_finite(tensor: torch.Tensor, name: str) -> None:
     would double the memory of a million-row corpus.
     """
     if tensor.numel() == 0:
+        return
+    if tensor.numel() <= _FINITE_CHECK_ELEMENTS and math.isfinite(float(tensor.detach().sum())):
+        # Any NaN or infinity makes the sum non-finite, so a finite sum proves every value finite, in one pass
+        # and without temporaries; only a non-finite sum (which overflow can also cause) needs the count below.
         return
     flat = tensor.reshape(-1) if tensor.is_contiguous() else tensor.flatten()
     bad = 0

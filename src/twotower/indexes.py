@@ -19,6 +19,7 @@ Ties are broken by row position, lower first.
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import os
@@ -62,12 +63,13 @@ class IdTable:
         """Ids at row ``positions`` (any shape); position ``-1`` (an empty slot) gives id ``-1`` or ``""``."""
         flat = positions.detach().cpu()
         empty = flat < 0
-        safe = flat.clamp(min=0)
+        has_empty = bool(empty.any())
+        safe = flat.clamp(min=0) if has_empty else flat
         if self._torch_values is not None:
             ids = self._torch_values[safe]
-            return ids.masked_fill(empty, -1).to(positions.device)
+            return (ids.masked_fill(empty, -1) if has_empty else ids).to(positions.device)
         ids_np: np.ndarray = self.values[safe.numpy()]
-        if bool(empty.any()):
+        if has_empty:
             ids_np = np.where(empty.numpy(), "", ids_np)
         return ids_np
 
@@ -526,6 +528,9 @@ class Faiss(TopK):
         self._index: Any = None
         self._count = 0
         self._dimension = 0
+        # FAISS's own values of the search parameters, restored when neither the call nor the index sets one.
+        self._faiss_defaults: dict[str, int] = {}
+        self._call_parameters: tuple[int | None, int | None] | None = None
 
     def is_exact(self) -> bool:
         return False
@@ -555,6 +560,7 @@ class Faiss(TopK):
             index.train(sample)
         index.add(matrix)
         self._index, self._count, self._dimension = index, int(matrix.shape[0]), int(matrix.shape[1])
+        self._faiss_defaults = _faiss_search_defaults(index)
         self._ids = IdTable(values)
         return self
 
@@ -563,6 +569,7 @@ class Faiss(TopK):
 
         space = faiss.ParameterSpace()
         for name, value in (("nprobe", nprobe), ("efSearch", ef_search)):
+            value = value if value is not None else self._faiss_defaults.get(name)
             if value is not None:
                 try:
                     space.set_index_parameter(self._index, name, value)
@@ -583,38 +590,49 @@ class Faiss(TopK):
     def search(
         self, queries: Any, k: int | None = None, nprobe: int | None = None, ef_search: int | None = None
     ) -> tuple[torch.Tensor, Ids]:
-        """Like calling the index, with per-call ``nprobe`` / ``ef_search``."""
-        self._set_parameters(
+        """Like calling the index, with ``nprobe`` / ``ef_search`` for this call only (later calls use the
+        index's own settings again)."""
+        self._call_parameters = (
             _check_optional_positive(nprobe, "nprobe") or self.nprobe,
             _check_optional_positive(ef_search, "ef_search") or self.ef_search,
         )
-        return self._query(queries, k, None)
+        try:
+            return self._query(queries, k, None)
+        finally:
+            self._call_parameters = None
 
     def _search(
         self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._index is None:
             raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
-        self._set_parameters(self.nprobe, self.ef_search)
+        self._set_parameters(*(self._call_parameters or (self.nprobe, self.ef_search)))
         extra = 0 if exclusions is None else int((exclusions >= 0).sum(dim=1).max())
         wanted = min(k + extra, self._count)
-        matrix = np.ascontiguousarray(queries.detach().cpu().to(torch.float32).numpy())
-        scores_np, rows_np = self._index.search(matrix, wanted)
-        scores = torch.as_tensor(scores_np)
-        rows = torch.as_tensor(rows_np).to(torch.int64)
+        matrix = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
+        # The results are tidied in numpy: a server sends one query per call, where a dozen small torch
+        # operations would cost as much as an HNSW search.
+        scores, rows = self._index.search(matrix, wanted)
         # FAISS marks missing results with -1 (few cells probed): they rank last.
-        scores = scores.masked_fill(rows < 0, float("-inf"))
+        empty = rows < 0
         if exclusions is not None:
-            excluded = (rows[:, :, None] == exclusions[:, None, :].cpu()).any(dim=2) & (rows >= 0)
-            scores = scores.masked_fill(excluded, float("-inf"))
-            order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-            scores, rows = scores.gather(1, order), rows.gather(1, order)
+            excluded = exclusions.cpu().numpy()
+            empty |= (rows[:, :, None] == excluded[:, None, :]).any(axis=2)
+        if empty.any():
+            scores = np.where(empty, -np.inf, scores).astype(np.float32)
+            rows = np.where(empty, -1, rows)
+            if exclusions is not None:
+                order = np.argsort(-scores, axis=1, kind="stable")
+                scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
         scores, rows = scores[:, :k], rows[:, :k]
         if scores.shape[1] < k:
             pad = k - scores.shape[1]
-            scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), float("-inf"))], dim=1)
-            rows = torch.cat([rows, rows.new_full((rows.shape[0], pad), -1)], dim=1)
-        return scores.to(queries.device), rows.masked_fill(scores == float("-inf"), -1).to(queries.device)
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        return (
+            torch.from_numpy(np.ascontiguousarray(scores)).to(queries.device),
+            torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(queries.device),
+        )
 
 
 def _faiss_save(index: Faiss, path: str | os.PathLike[str]) -> None:
@@ -647,10 +665,24 @@ def _faiss_load(path: str | os.PathLike[str], query_model: nn.Module | Callable[
     )
     index._index = faiss.deserialize_index(tensors["faiss_index"].numpy())
     index._count, index._dimension = int(index._index.ntotal), int(index._index.d)
+    index._faiss_defaults = _faiss_search_defaults(index._index)
     index._ids = IdTable(_ids_from_tensors(tensors))
     if len(index._ids) != index._count:
         raise ValueError(f"{path} is inconsistent: {len(index._ids)} ids for {index._count} vectors")
     return index
+
+
+def _faiss_search_defaults(index: Any) -> dict[str, int]:
+    """The ``nprobe`` / ``efSearch`` values a freshly built or loaded FAISS index searches with."""
+    import faiss
+
+    defaults: dict[str, int] = {}
+    with contextlib.suppress(RuntimeError):  # raised when the index is not an IVF index
+        defaults["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        defaults["efSearch"] = int(hnsw.efSearch)
+    return defaults
 
 
 def _check_optional_positive(value: int | None, name: str) -> int | None:

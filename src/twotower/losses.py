@@ -219,6 +219,22 @@ class _InBatchSoftmax(torch.autograd.Function):
         block_rows: int,
     ) -> torch.Tensor:
         num_queries = queries.shape[0]
+        ctx.temperature, ctx.block_rows = temperature, block_rows
+        if num_queries <= block_rows:
+            # One block: its logits fit in cache, so the forward keeps their exponentials for the backward
+            # instead of recomputing them.
+            logits = _chunk_logits(queries, candidates, 0, temperature, bias, candidate_codes, score_mask)
+            rows = torch.arange(num_queries, device=logits.device)
+            positives = logits[rows, rows]
+            maxima = logits.amax(dim=1)
+            # The arithmetic of torch.logsumexp, max + log(sum(exp(l - max))), keeping exp(l - max).
+            exponentials = logits.sub_(maxima[:, None]).exp_()
+            sums = exponentials.sum(dim=1)
+            ctx.single_block = True
+            ctx.save_for_backward(queries, candidates, exponentials, sums, score_mask)
+            result: torch.Tensor = maxima + sums.log() - positives
+            return result
+        ctx.single_block = False
         log_normalisers = queries.new_empty(num_queries)
         per_row = queries.new_empty(num_queries)
         for start in range(0, num_queries, block_rows):
@@ -229,11 +245,12 @@ class _InBatchSoftmax(torch.autograd.Function):
             log_normalisers[start : start + block.shape[0]] = log_normaliser
             per_row[start : start + block.shape[0]] = log_normaliser - logits[rows, rows + start]
         ctx.save_for_backward(queries, candidates, log_normalisers, bias, candidate_codes, score_mask)
-        ctx.temperature, ctx.block_rows = temperature, block_rows
         return per_row
 
     @staticmethod
     def backward(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.single_block:
+            return _InBatchSoftmax._backward_single_block(ctx, grad_per_row)
         queries, candidates, log_normalisers, bias, candidate_codes, score_mask = ctx.saved_tensors
         temperature, block_rows = ctx.temperature, ctx.block_rows
         grad_queries = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
@@ -255,6 +272,36 @@ class _InBatchSoftmax(torch.autograd.Function):
                 grad_queries[start : start + block.shape[0]] = gradient @ candidates
             if grad_candidates is not None:
                 grad_candidates += gradient.T @ block
+        return grad_queries, grad_candidates, None, None, None, None, None
+
+    @staticmethod
+    def _backward_single_block(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        queries, candidates, exponentials, sums, score_mask = ctx.saved_tensors
+        temperature = ctx.temperature
+        scale = grad_per_row / temperature if temperature is not None else grad_per_row
+        num_queries = queries.shape[0]
+        grad_queries: torch.Tensor | None = None
+        grad_candidates: torch.Tensor | None = None
+        if score_mask is not None:
+            # Masked logits are constants (no gradient, the positive's included): the gradient block is needed.
+            # Out of place: a backward run again with retain_graph must find the exponentials unchanged.
+            gradient = exponentials * (scale / sums)[:, None]
+            rows = torch.arange(num_queries, device=gradient.device)
+            gradient[rows, rows] -= scale
+            gradient.mul_(score_mask[:num_queries])
+            if ctx.needs_input_grad[0]:
+                grad_queries = gradient @ candidates
+            if ctx.needs_input_grad[1]:
+                grad_candidates = gradient.T @ queries
+            return grad_queries, grad_candidates, None, None, None, None, None
+        # d loss_i / d logit_ij = g_i (E_ij / s_i - [j == i]), E the kept exponentials and s their row sums. The
+        # diagonal scalings move onto the thin [n, d] factors, so the [nq, nc] block is only read by the GEMMs.
+        row_scale = (scale / sums)[:, None]
+        if ctx.needs_input_grad[0]:
+            grad_queries = (exponentials @ candidates).mul_(row_scale).sub_(scale[:, None] * candidates[:num_queries])
+        if ctx.needs_input_grad[1]:
+            grad_candidates = exponentials.T @ (queries * row_scale)
+            grad_candidates[:num_queries] -= scale[:, None] * queries
         return grad_queries, grad_candidates, None, None, None, None, None
 
 

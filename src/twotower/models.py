@@ -16,6 +16,7 @@ import abc
 import contextlib
 import hashlib
 import io
+import math
 import os
 import random
 import re
@@ -87,8 +88,9 @@ class Model(nn.Module, abc.ABC):
         ranks = distributed.world_size()
         # Gradients are summed over ranks: each rank carries 1/ranks of the (replicated) regularization.
         total = loss + regularization / ranks
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"the training loss became {float(total)}: lower the learning rate?")
+        total_value = float(total.detach())
+        if not math.isfinite(total_value):
+            raise FloatingPointError(f"the training loss became {total_value}: lower the learning rate?")
         optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
         distributed.all_reduce_gradients(list(self.parameters()))

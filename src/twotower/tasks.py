@@ -27,7 +27,6 @@ from twotower._checks import (
     require_shape,
 )
 from twotower.losses import (
-    _BLOCK_ELEMENTS,
     MIN_FLOAT,
     HardNegativeMining,
     Reduction,
@@ -96,8 +95,9 @@ class Retrieval(nn.Module):
             initialised. Each rank's loss covers its own queries; ``"mean"`` divides by the global query count.
         fused: compute the default loss by blocks of rows without materialising the ``[nq, nc]`` logits, when
             nothing needs them (no batch metrics to update, no hard-negative selection, no custom loss). The
-            result is the same; it is faster and uses far less memory for large batches. ``None`` (default) does
-            so above about 2M logits, ``True`` whenever possible, ``False`` never.
+            result is the same; it is faster at every batch size (a batch of up to about 2M logits is one block
+            whose exponentials are kept for the backward) and uses far less memory for large batches. ``None``
+            (default) and ``True`` do so whenever possible, ``False`` never.
 
     Differences from TFRS 0.7.7, where we follow TFRS's documentation rather than its code:
 
@@ -312,8 +312,6 @@ class Retrieval(nn.Module):
             and keeps_all
             and prepared.queries.ndim == 2
             and type(self.loss_fn) is SoftmaxCrossEntropy
-            # Below one block the logits fit in cache anyway, and the fused kernel of cross_entropy is faster.
-            and (self.fused is True or prepared.queries.shape[0] * prepared.candidates.shape[0] > _BLOCK_ELEMENTS)
         )
 
     def forward(
