@@ -2,10 +2,12 @@
 
     TWOTOWER_DATA_DIR=../shared/data python benchmarks/serve_load.py [--size 1000000] [--requests 2000]
 
-Builds a bundle whose corpus is the trained MovieLens title embeddings enlarged to --size rows by small
-perturbations (as benchmarks/ann.py does), starts `python -m twotower serve` on 127.0.0.1 in a child process,
-sends a fixed number of top-10 requests for random users with 16 in flight at once, then stops the server.
-Nothing leaves this machine.
+Builds bundles whose corpus is the trained MovieLens title embeddings enlarged to --size rows as TFRS's
+efficient-serving tutorial does (see benchmarks/ann.py), over exact search (BruteForce) and over HNSW32
+(efSearch 512, recall@100 0.96 there). For each index and each --max-batch setting it starts
+`python -m twotower serve` on 127.0.0.1 in a child process, sends a fixed number of top-10 requests for random
+users with 16 in flight at once, and stops the server. ``--max-batch 1`` answers each request by its own search;
+the default 64 answers the requests that queued up during a search together. Nothing leaves this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import httpx
 import numpy as np
 import torch
 
+from ann import build_corpus
 from twotower.indexes import BruteForce, Faiss, TopK
 from twotower.serving import _Tower, save_bundle
 from twotower.workload import WorkloadConfig, train_and_evaluate
@@ -61,56 +64,72 @@ async def _load(url: str, users: list[str], requests: int, concurrency: int) -> 
     return latencies, errors, elapsed
 
 
+def _serve_and_load(
+    bundle: Path, max_batch: int, users: list[str], requests: int, concurrency: int
+) -> tuple[str, float]:
+    port = _free_port()
+    command = [sys.executable, "-m", "twotower", "serve", "--run", str(bundle), "--port", str(port)]
+    server = subprocess.Popen([*command, "--max-batch", str(max_batch)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.5)
+        asyncio.run(_load(url, users, 50, concurrency))  # warm-up
+        latencies, errors, elapsed = asyncio.run(_load(url, users, requests, concurrency))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    latencies_ms = sorted(1000 * value for value in latencies)
+    p99 = latencies_ms[min(len(latencies_ms) - 1, int(0.99 * len(latencies_ms)))]
+    rate = requests / elapsed
+    return f"{rate:>12.1f}{statistics.median(latencies_ms):>10.1f}{p99:>10.1f}{errors:>8}", rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1_000_000, help="corpus rows (default 1,000,000)")
-    parser.add_argument("--requests", type=int, default=2000, help="requests to send (default 2000)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per server (default 2000)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
-    parser.add_argument("--index", choices=["exact", "ivf"], default="exact", help="BruteForce or IVF1024,Flat")
+    parser.add_argument("--index", nargs="+", choices=["exact", "hnsw"], default=["exact", "hnsw"])
+    parser.add_argument("--max-batch", nargs="+", type=int, default=[1, 64], help="server settings (1 and 64)")
     parser.add_argument("--data-dir", help="folder with ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
     args = parser.parse_args()
     model, prepared, _ = train_and_evaluate(WorkloadConfig(), data_dir=args.data_dir, progress=False)
     with torch.no_grad():
-        titles = model.movie_model.weight[1:].detach()
-    generator = torch.Generator().manual_seed(0)
-    picks = torch.randint(0, titles.shape[0], (args.size,), generator=generator)
-    corpus = titles[picks] + 0.1 * titles.std() * torch.randn(args.size, titles.shape[1], generator=generator)
-    ids = np.array([f"{prepared.titles.values[p]} #{i}" for i, p in enumerate(picks.tolist())])
-    index: TopK = (
-        BruteForce(k=10).index(corpus, ids)
-        if args.index == "exact"
-        else Faiss("IVF1024,Flat", nprobe=32).index(corpus, ids)
-    )
+        titles = model.movie_model.weight[1:].detach().clone()
+    corpus = build_corpus(titles, args.size, "tutorial", 0.0)
+    names = prepared.titles.values
+    ids = np.array([f"{names[i % titles.shape[0]]} #{i}" for i in range(args.size)])
+    users = [str(user) for user in prepared.users.values]
+    rows: list[tuple[str, int, str, float]] = []
     with tempfile.TemporaryDirectory() as directory:
-        bundle = save_bundle(Path(directory) / "bundle", _Tower(model.user_model), index, prepared.users)
-        port = _free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "twotower", "serve", "--run", str(bundle), "--port", str(port)]
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.5)
-            users = [str(user) for user in prepared.users.values]
-            asyncio.run(_load(url, users, 50, args.concurrency))  # warm-up
-            latencies, errors, elapsed = asyncio.run(_load(url, users, args.requests, args.concurrency))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    latencies_ms = sorted(1000 * value for value in latencies)
-    p99 = latencies_ms[min(len(latencies_ms) - 1, int(0.99 * len(latencies_ms)))]
-    print(f"corpus {args.size:,} x {corpus.shape[1]} ({args.index}), top-10, {args.requests} requests, "
-          f"concurrency {args.concurrency}, loopback\n")  # fmt: skip
-    print(f"{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    print(f"{args.requests / elapsed:>12.1f}{statistics.median(latencies_ms):>10.1f}{p99:>10.1f}{errors:>8}")
+        for kind in args.index:
+            index: TopK = (
+                BruteForce(k=10).index(corpus, ids)
+                if kind == "exact"
+                else Faiss("HNSW32", ef_search=512).index(corpus, ids)
+            )
+            bundle = save_bundle(Path(directory) / kind, _Tower(model.user_model), index, prepared.users)
+            del index
+            for max_batch in args.max_batch:
+                line, rate = _serve_and_load(bundle, max_batch, users, args.requests, args.concurrency)
+                rows.append((kind, max_batch, line, rate))
+    print(f"corpus {args.size:,} x {corpus.shape[1]} (tutorial perturbation), top-10, {args.requests} requests per "
+          f"server, concurrency {args.concurrency}, loopback\n")  # fmt: skip
+    print(
+        f"{'index':<8}{'max batch':>10}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}{'x unbatched':>13}"
+    )
+    for kind, max_batch, line, rate in rows:
+        base = next((r for k, b, _, r in rows if k == kind and b == 1), rate)
+        print(f"{kind:<8}{max_batch:>10}{line}{rate / base:>13.1f}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from twotower import BruteForce, Streaming
+from twotower import BruteForce, Streaming, _topk
 from twotower.indexes import TopK
 
 pytestmark = pytest.mark.usefixtures("selection_backend")
@@ -236,3 +236,22 @@ class TestBadInput:
         batches.append(torch.randn(2, 2))
         with pytest.raises(ValueError, match="dataset changed"):
             index(torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "streaming"])
+def test_few_queries_use_wide_pieces_with_the_same_results(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of few queries scans the corpus in wider pieces (capped by _MAX_PIECE, made small here so that
+    several pieces, one partial, cover the corpus). The cached converted corpus of a BruteForce serves batches
+    of any size; results equal the reference for 1, 3 and 600 queries in turn, with exclusions."""
+    monkeypatch.setattr(_topk, "_MAX_PIECE", 2500)
+    corpus, queries = _integer_data(n=9000, nq=600, d=5, seed=21)
+    ids = np.arange(9000)
+    index = _build(kind, corpus, ids)
+    rng = np.random.default_rng(2)
+    for count in (1, 3, 600, 1):
+        block = queries[:count]
+        excluded = [rng.choice(9000, size=30, replace=False) for _ in range(count)]
+        scores, got = index.query_with_exclusions(torch.as_tensor(block), excluded, k=40)
+        expected_scores, expected_rows = _reference(corpus, block, 40, [set(rows.tolist()) for rows in excluded])
+        np.testing.assert_array_equal(scores.numpy(), expected_scores)
+        np.testing.assert_array_equal(np.asarray(got), ids[expected_rows])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from twotower import BruteForce
 from twotower.data.movielens import Vocabulary
 from twotower.indexes import Faiss
-from twotower.serving import BundleError, _Tower, create_app, load_bundle, save_bundle
+from twotower.serving import BundleError, MicroBatcher, Query, _Tower, create_app, load_bundle, save_bundle
 
 USERS = Vocabulary([f"u{i}" for i in range(40)])
 ITEMS = np.array([f"item-{i}" for i in range(300)])
@@ -119,3 +120,101 @@ def test_damaged_bundles_are_refused(tmp_path: Path, damage: str, message: str) 
         load_bundle(directory)
     with pytest.raises(BundleError, match="no bundle directory"):
         load_bundle(tmp_path / "missing")
+
+
+def test_body_with_a_malformed_length_is_refused(tmp_path: Path) -> None:
+    directory, _, _ = _bundle(tmp_path)
+    client = TestClient(create_app(load_bundle(directory)))
+    response = client.post(
+        "/recommend", content=b"{}", headers={"content-type": "application/json", "content-length": "lots"}
+    )
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss"])
+def test_waiting_requests_are_answered_in_one_batch(tmp_path: Path, kind: str) -> None:
+    directory, tower, items = _bundle(tmp_path, kind)
+    bundle = load_bundle(directory)
+    queries = [
+        Query("u7", 5),
+        Query("u3", 3),  # u3 has seen item-1 and item-2
+        Query("nobody", 4),
+        Query("u3", 3, ("item-9",), exclude_seen=False),
+        Query("u12", 300),
+    ]
+    batcher = MicroBatcher(bundle, max_batch=8, start=False)
+    futures = [batcher.submit(query) for query in queries]
+    batcher.start()
+    answers = [future.exception(timeout=30) or future.result() for future in futures]
+    batcher.stop()
+    assert (batcher.batches, batcher.largest_batch) == (1, 5)
+    assert isinstance(answers[2], KeyError)
+    for query, answer in zip(queries, answers, strict=True):
+        if query.query_id == "nobody":
+            continue
+        assert isinstance(answer, list)
+        excluded = [*query.exclude, *(["item-1", "item-2"] if query.exclude_seen and query.query_id == "u3" else [])]
+        assert [item for item, _ in answer] == _expected(tower, items, query.query_id, query.k, excluded)
+
+
+def test_batches_never_exceed_max_batch(tmp_path: Path) -> None:
+    directory, tower, items = _bundle(tmp_path)
+    batcher = MicroBatcher(load_bundle(directory), max_batch=3, start=False)
+    users = [f"u{i}" for i in range(7)]
+    futures = [batcher.submit(Query(user, 4)) for user in users]
+    batcher.start()
+    answers = [future.result(timeout=30) for future in futures]
+    batcher.stop()
+    assert (batcher.batches, batcher.largest_batch) == (3, 3)  # 3 + 3 + 1
+    for user, answer in zip(users, answers, strict=True):
+        assert [item for item, _ in answer] == _expected(tower, items, user, 4, [])
+
+
+def test_concurrent_http_requests_get_their_own_answers(tmp_path: Path) -> None:
+    directory, tower, items = _bundle(tmp_path)
+    users = [f"u{i}" for i in range(4, 40)]
+    with TestClient(create_app(load_bundle(directory), max_batch=16)) as client:
+
+        def ask(user: str) -> list[str]:
+            response = client.post("/recommend", json={"user_id": user, "k": 6})
+            assert response.status_code == 200
+            return [item["id"] for item in response.json()["items"]]
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(ask, users))
+    assert answers == [_expected(tower, items, user, 6, []) for user in users]
+
+
+def test_twotower_serve_answers_over_loopback(tmp_path: Path) -> None:
+    """`python -m twotower serve` end to end: a child process on 127.0.0.1 answers as the in-process index."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    directory, tower, items = _bundle(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    command = [sys.executable, "-m", "twotower", "serve", "--run", str(directory), "--port", str(port)]
+    server = subprocess.Popen([*command, "--max-batch", "4"], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(url + "/healthz", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+                assert time.monotonic() < deadline, "the server did not start within 60 s"
+                time.sleep(0.2)
+        assert health.json() == {"status": "ok", "candidates": 300, "exact": True}
+        response = httpx.post(url + "/recommend", json={"user_id": "u9", "k": 4}, timeout=10.0)
+        assert [item["id"] for item in response.json()["items"]] == _expected(tower, items, "u9", 4, [])
+        assert httpx.post(url + "/recommend", json={"user_id": "u9", "k": 0}, timeout=10.0).status_code == 422
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

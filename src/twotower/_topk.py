@@ -153,6 +153,11 @@ SCREEN_EPSILON = 2.0**-6
 SCREEN_MAX_DIMENSION = 16384
 #: (query block, candidate chunk) per path: the native scan wants a block of scores that fits in L2.
 _BLOCKS = {"screen": (512, 2048), "native": (512, 1024), "torch": (QUERY_BLOCK, _CANDIDATE_CHUNK)}
+#: The widest candidate piece, reached by batches of few queries (see search_plain).
+_MAX_PIECE = 1 << 18
+#: Converted copies of a fixed corpus kept between calls: ``(mode, chunk offset, chunk rows)`` to the chunk in the
+#: multiply's dtype and, for the screen, each row's norm.
+PieceCache = dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def search_mode(queries: torch.Tensor) -> str:
@@ -176,7 +181,7 @@ def search_plain(
     k: int,
     exclusions: torch.Tensor | None = None,
     mode: str | None = None,
-    piece_cache: dict[tuple[str, int, int], tuple[torch.Tensor, float]] | None = None,
+    piece_cache: PieceCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ candidates.T`` by blocks; ``mode`` as :func:`search_mode` (its default).
 
@@ -190,6 +195,10 @@ def search_plain(
     mode = mode or search_mode(queries)
     query_block, chunk_size = _BLOCKS[mode]
     num_queries = queries.shape[0]
+    # Few queries: widen the candidate pieces so that a block of scores keeps about the same size. A single query
+    # against 1M candidates then costs a few multiplies and kernel calls instead of ~500 tiny ones, whose
+    # thread wake-ups cost more than the work (and far more from a thread other than the main one).
+    chunk_size = min(max(chunk_size, chunk_size * query_block // max(min(num_queries, query_block), 1)), _MAX_PIECE)
     blocks = [(start, min(start + query_block, num_queries)) for start in range(0, num_queries, query_block)]
     kernel = _native.load() if mode != "torch" else None
     states: list[RunningTopK | _native.NativeTopK] = [
@@ -206,18 +215,19 @@ def search_plain(
     buffer = torch.empty(query_block * chunk_size, device=queries.device, dtype=screen_dtype)
     excluded_value = float("-inf") if mode == "screen" else EXCLUDED_SCORE
     for offset, chunk in chunks:
+        chunk = chunk.contiguous()
+        key = (mode, offset, chunk.shape[0])
+        if piece_cache is not None and key in piece_cache:
+            converted, norms = piece_cache[key]
+        else:
+            converted = chunk.to(screen_dtype)
+            norms = torch.linalg.vector_norm(chunk, dim=1) if mode == "screen" else None
+            if piece_cache is not None:
+                piece_cache[key] = (converted, norms)
         for piece_offset, piece in _split(offset, chunk, chunk_size):
-            piece = piece.contiguous()
-            key = (mode, piece_offset, piece.shape[0])
-            if piece_cache is not None and key in piece_cache:
-                screen_piece, factor = piece_cache[key]
-            else:
-                screen_piece = piece.to(screen_dtype)
-                factor = 0.0
-                if mode == "screen":
-                    factor = SCREEN_EPSILON * float(torch.linalg.vector_norm(piece, dim=1).max())
-                if piece_cache is not None:
-                    piece_cache[key] = (screen_piece, factor)
+            rows = slice(piece_offset - offset, piece_offset - offset + piece.shape[0])
+            screen_piece = converted[rows]
+            factor = SCREEN_EPSILON * float(norms[rows].max()) if norms is not None else 0.0
             for number, ((start, end), state, (ex_rows, ex_positions)) in enumerate(
                 zip(blocks, states, excluded, strict=True)
             ):
@@ -274,7 +284,7 @@ def search_chunks(
     chunks: Callable[[], Iterable[tuple[int, torch.Tensor]]],
     k: int,
     exclusions: torch.Tensor | None = None,
-    piece_cache: dict[tuple[str, int, int], tuple[torch.Tensor, float]] | None = None,
+    piece_cache: PieceCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ candidates.T`` where the candidates arrive as chunks.
 

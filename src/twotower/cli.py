@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--run", required=True, help="the run directory (or a bundle directory)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    serve.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=64,
+        help="most concurrent requests answered by one batched search (default 64; 1 turns batching off)",
+    )
 
     synthetic = commands.add_parser(
         "synthetic",
@@ -256,7 +262,7 @@ def run_serve(args: argparse.Namespace) -> None:
 
     directory = Path(args.run)
     bundle = load_bundle(directory / "bundle" if (directory / "bundle").is_dir() else directory)
-    uvicorn.run(create_app(bundle), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(bundle, max_batch=args.max_batch), host=args.host, port=args.port, log_level="warning")
 
 
 def _quiet(*_: object, **__: object) -> None:

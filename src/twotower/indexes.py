@@ -282,7 +282,7 @@ class BruteForce(TopK):
         super().__init__(k, query_model)
         self.candidates: torch.Tensor | None = None
         # Converted pieces of the corpus (the bfloat16 screen copy: half the corpus's memory), kept between calls.
-        self._piece_cache: dict[tuple[str, int, int], tuple[torch.Tensor, float]] = {}
+        self._piece_cache: _topk.PieceCache = {}
 
     def is_exact(self) -> bool:
         return True
