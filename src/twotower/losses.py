@@ -300,7 +300,8 @@ class _InBatchSoftmax(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_queries = (exponentials @ candidates).mul_(row_scale).sub_(scale[:, None] * candidates[:num_queries])
         if ctx.needs_input_grad[1]:
-            grad_candidates = exponentials.T @ (queries * row_scale)
+            # (Q^T E)^T rather than E^T Q: the same product, and the faster kernel for a wide E.
+            grad_candidates = ((queries * row_scale).T @ exponentials).T
             grad_candidates[:num_queries] -= scale[:, None] * queries
         return grad_queries, grad_candidates, None, None, None, None, None
 

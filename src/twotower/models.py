@@ -93,7 +93,7 @@ class Model(nn.Module, abc.ABC):
             raise FloatingPointError(f"the training loss became {total_value}: lower the learning rate?")
         optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
-        distributed.all_reduce_gradients(list(self.parameters()))
+        distributed.all_reduce_gradients(self.parameters())
         optimizer.step()
         global_loss = float(distributed.all_reduce_sum(loss.detach()))
         return {
