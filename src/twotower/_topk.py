@@ -221,7 +221,10 @@ def search_plain(
             converted, norms = piece_cache[key]
         else:
             converted = chunk.to(screen_dtype)
-            norms = torch.linalg.vector_norm(chunk, dim=1) if mode == "screen" else None
+            norms = None
+            if mode == "screen":
+                # By slices: a norm over the whole chunk would hold float32 temporaries as large as the chunk.
+                norms = torch.cat([torch.linalg.vector_norm(part, dim=1) for part in chunk.split(1 << 16)])
             if piece_cache is not None:
                 piece_cache[key] = (converted, norms)
         for piece_offset, piece in _split(offset, chunk, chunk_size):
