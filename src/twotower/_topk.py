@@ -224,7 +224,8 @@ def search_plain(
             norms = None
             if mode == "screen":
                 # By slices: a norm over the whole chunk would hold float32 temporaries as large as the chunk.
-                norms = torch.cat([torch.linalg.vector_norm(part, dim=1) for part in chunk.split(1 << 16)])
+                slices = range(0, chunk.shape[0], 1 << 16)
+                norms = torch.cat([torch.linalg.vector_norm(chunk[at : at + (1 << 16)], dim=1) for at in slices])
             if piece_cache is not None:
                 piece_cache[key] = (converted, norms)
         for piece_offset, piece in _split(offset, chunk, chunk_size):
