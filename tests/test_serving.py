@@ -218,3 +218,25 @@ def test_twotower_serve_answers_over_loopback(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_titles_come_from_the_item_map_or_the_id(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tower = nn.Embedding(len(USERS), 8)
+    items = torch.randn(300, 8)
+    titles = {f"item-{i}": f"Title {i} (19{i % 100:02d})" for i in range(0, 300, 2)}  # odd items have none
+    directory = save_bundle(
+        tmp_path / "bundle", _Tower(tower), BruteForce(k=10).index(items, ITEMS), USERS, item_titles=titles
+    )
+    bundle = load_bundle(directory)
+    client = TestClient(create_app(bundle))
+    answer = client.post("/recommend", json={"user_id": "u2", "k": 20}).json()["items"]
+    assert [item["id"] for item in answer] == _expected(tower, items, "u2", 20, [])
+    for item in answer:
+        number = int(item["id"].split("-")[1])
+        assert item["title"] == (f"Title {number} (19{number % 100:02d})" if number % 2 == 0 else item["id"])
+    # The map is part of the checksummed bundle.
+    with (directory / "items.json").open("a") as handle:
+        handle.write(" ")
+    with pytest.raises(BundleError, match=r"items\.json is corrupt or was modified"):
+        load_bundle(directory)

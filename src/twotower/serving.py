@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ def save_bundle(
     query_vocabulary: Vocabulary,
     seen: dict[str, list[str]] | None = None,
     metadata: dict[str, Any] | None = None,
+    item_titles: dict[str, str] | None = None,
 ) -> Path:
     """Write a bundle directory atomically (built in a temporary folder, then renamed into place).
 
@@ -89,6 +90,8 @@ def save_bundle(
         query_vocabulary: the vocabulary of query ids (row 0 is out-of-vocabulary).
         seen: items to exclude per query id (e.g. the user's training items).
         metadata: free-form JSON-serialisable description.
+        item_titles: display titles of items by id, returned beside the ids; an item without one is shown by its
+            id (MovieLens runs use the titles themselves as ids, as TFRS does).
     """
     if not isinstance(index, (BruteForce, Faiss)):
         raise TypeError(f"index must be a BruteForce or Faiss index, got {type(index).__name__}")
@@ -102,6 +105,7 @@ def save_bundle(
         index.save(building / index_file)
         (building / "vocabulary.json").write_text(json.dumps(query_vocabulary.to_list()))
         (building / "seen.json").write_text(json.dumps(seen or {}))
+        (building / "items.json").write_text(json.dumps({str(k): str(v) for k, v in (item_titles or {}).items()}))
         info = {"index_kind": type(index).__name__, "tower": tower_file, "metadata": metadata or {}}
         (building / "metadata.json").write_text(json.dumps(info, indent=2))
         files = sorted(path.name for path in building.iterdir())
@@ -128,6 +132,11 @@ class Bundle:
     vocabulary: Vocabulary
     seen: dict[str, list[str]]
     metadata: dict[str, Any]
+    item_titles: dict[str, str] = field(default_factory=dict)
+
+    def title_of(self, item: str) -> str:
+        """The item's display title: from the bundle's item map, else the id itself."""
+        return self.item_titles.get(item, item)
 
     def recommend(
         self, query_id: str, k: int = 10, exclude: Sequence[str] | None = None, exclude_seen: bool = True
@@ -284,6 +293,8 @@ def load_bundle(directory: str | os.PathLike[str]) -> Bundle:
         vocabulary=Vocabulary(json.loads(contents["vocabulary.json"])),
         seen=json.loads(contents["seen.json"]),
         metadata=info["metadata"],
+        # Bundles written before the item map existed have no items.json.
+        item_titles=json.loads(contents["items.json"]) if "items.json" in contents else {},
     )
 
 
@@ -304,6 +315,7 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
 
     class Item(BaseModel):
         id: str
+        title: str
         score: float
 
     class RecommendResponse(BaseModel):
@@ -340,6 +352,9 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
             pairs = await asyncio.wrap_future(batcher.submit(query))
         except KeyError as error:
             raise HTTPException(status_code=404, detail=str(error.args[0])) from error
-        return RecommendResponse(user_id=request.user_id, items=[Item(id=item, score=score) for item, score in pairs])
+        return RecommendResponse(
+            user_id=request.user_id,
+            items=[Item(id=item, title=bundle.title_of(item), score=score) for item, score in pairs],
+        )
 
     return app
