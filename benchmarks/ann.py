@@ -28,10 +28,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
-from twotower.indexes import BruteForce, Faiss, TopK
+from twotower.indexes import BruteForce, Faiss, TopK, recall_at_k
 from twotower.workload import WorkloadConfig, train_and_evaluate
 
 # Per corpus, (factory, build options, per-call settings): each setting is timed on the same built index.
@@ -74,11 +73,6 @@ def _timed(work: Callable[[], Any]) -> float:
     started = time.perf_counter()
     work()
     return time.perf_counter() - started
-
-
-def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
-    hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth, strict=True)]
-    return float(np.mean(hits)) / truth.shape[1]
 
 
 def main() -> None:
@@ -130,15 +124,24 @@ def compare(
         batch, single = rates(lambda q, index=exact: index(q, k=100), queries, single_queries)
         exact_rates = [max(exact_rates[0], batch), max(exact_rates[1], single)]
         flat_rates = [batch, single]  # the last exact search is FAISS's
-        rows.append((label, build_seconds, batch, single, recall(found[10], truth[10]), recall(found[100], truth[100])))
+        rows.append(
+            (
+                label,
+                build_seconds,
+                batch,
+                single,
+                recall_at_k(found[10], truth[10]),
+                recall_at_k(found[100], truth[100]),
+            )
+        )
     for factory, options, settings in configs:
         started = time.perf_counter()
         index = Faiss(factory, k=100, **options).index(corpus)
         build_seconds = time.perf_counter() - started
         for setting in settings:
             name = f"{factory} " + " ".join(f"{key}={value}" for key, value in setting.items())
-            recall_10 = recall(index.search(queries, k=10, **setting)[1], truth[10])
-            recall_100 = recall(index.search(queries, k=100, **setting)[1], truth[100])
+            recall_10 = recall_at_k(index.search(queries, k=10, **setting)[1], truth[10])
+            recall_100 = recall_at_k(index.search(queries, k=100, **setting)[1], truth[100])
             batch, single = rates(lambda q, s=setting, i=index: i.search(q, k=100, **s), queries, single_queries)
             rows.append((name, build_seconds, batch, single, recall_10, recall_100))
         del index

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install -e '.[test]')")
 
 from twotower import BruteForce, FactorizedTopK
-from twotower.indexes import Faiss, recall_against_exact
+from twotower.indexes import Faiss, recall_against_exact, recall_at_k
 
 
 def _data(n: int = 4000, nq: int = 200, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,3 +115,13 @@ def test_save_load_round_trip_and_refusals(tmp_path) -> None:  # type: ignore[no
     BruteForce().index(corpus).save(tmp_path / "exact.safetensors")
     with pytest.raises(ValueError, match="not a twotower Faiss index"):
         Faiss.load(tmp_path / "exact.safetensors")
+
+
+def test_recall_at_k_by_hand() -> None:
+    truth = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    found = torch.tensor([[4, 9, 1, 0], [8, 7, 6, 5]])  # row 0 holds 2 of 4, row 1 all 4 in another order
+    assert recall_at_k(found, truth) == pytest.approx((2 / 4 + 4 / 4) / 2)
+    names = np.array([["a", "b"], ["c", "d"]])
+    assert recall_at_k(np.array([["b", "x"], ["y", "z"]]), names) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="same nq"):
+        recall_at_k(found[:1], truth)

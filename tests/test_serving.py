@@ -240,3 +240,33 @@ def test_titles_come_from_the_item_map_or_the_id(tmp_path: Path) -> None:
         handle.write(" ")
     with pytest.raises(BundleError, match=r"items\.json is corrupt or was modified"):
         load_bundle(directory)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"query_id": ""}, "query_id must be a non-empty str"),
+        ({"query_id": 7}, "query_id must be a non-empty str"),
+        ({"query_id": "u1", "k": 0}, "k must be a positive int"),
+        ({"query_id": "u1", "k": True}, "k must be a positive int"),
+        ({"query_id": "u1", "exclude": ["item-1"]}, "exclude must be a tuple of str ids"),
+        ({"query_id": "u1", "exclude": (3,)}, "exclude must be a tuple of str ids"),
+        ({"query_id": "u1", "exclude_seen": "yes"}, "exclude_seen must be a bool"),
+    ],
+)
+def test_bad_queries_are_refused_before_they_reach_a_batch(arguments: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Query(**arguments)  # type: ignore[arg-type]
+
+
+def test_bad_batcher_and_bundle_arguments(tmp_path: Path) -> None:
+    directory, _, _ = _bundle(tmp_path)
+    bundle = load_bundle(directory)
+    for max_batch in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_batch must be a positive int"):
+            MicroBatcher(bundle, max_batch=max_batch, start=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="item_titles must be a dict"):
+        save_bundle(
+            tmp_path / "other", _Tower(nn.Embedding(len(USERS), 8)), BruteForce().index(torch.randn(5, 8)), USERS,
+            item_titles=[("a", "b")],  # type: ignore[arg-type]
+        )  # fmt: skip

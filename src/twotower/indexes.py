@@ -708,7 +708,18 @@ def recall_against_exact(approximate: TopK, exact: TopK, queries: torch.Tensor, 
     started = time.perf_counter()
     _, found = approximate(queries, k=k)
     approximate_rate = queries.shape[0] / (time.perf_counter() - started)
-    truth_np = truth.cpu().numpy() if isinstance(truth, torch.Tensor) else truth
-    found_np = found.cpu().numpy() if isinstance(found, torch.Tensor) else found
+    return recall_at_k(found, truth), approximate_rate, exact_rate
+
+
+def recall_at_k(found: Ids, truth: Ids) -> float:
+    """Mean over rows of the fraction of ``truth``'s ids (``[nq, k]``) that the same row of ``found`` also holds.
+
+    ``found`` may be wider or narrower than ``truth``; ids are compared as values (int or str)."""
+    truth_np = truth.cpu().numpy() if isinstance(truth, torch.Tensor) else np.asarray(truth)
+    found_np = found.cpu().numpy() if isinstance(found, torch.Tensor) else np.asarray(found)
+    if truth_np.ndim != 2 or found_np.ndim != 2 or truth_np.shape[0] != found_np.shape[0]:
+        raise ValueError(f"found and truth must be [nq, k] with the same nq, got {found_np.shape} and {truth_np.shape}")
+    if truth_np.shape[1] == 0:
+        raise ValueError("truth must hold at least one id per row")
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(truth_np, found_np, strict=True)]
-    return float(np.mean(hits) / k), approximate_rate, exact_rate
+    return float(np.mean(hits)) / int(truth_np.shape[1])

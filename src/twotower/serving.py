@@ -95,6 +95,8 @@ def save_bundle(
     """
     if not isinstance(index, (BruteForce, Faiss)):
         raise TypeError(f"index must be a BruteForce or Faiss index, got {type(index).__name__}")
+    if item_titles is not None and not isinstance(item_titles, dict):
+        raise TypeError(f"item_titles must be a dict of item id to title, got {type(item_titles).__name__}")
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -191,6 +193,17 @@ class Query:
     k: int = 10
     exclude: tuple[str, ...] = ()
     exclude_seen: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here, not in the batched search: one bad query must not fail the others batched with it.
+        if not isinstance(self.query_id, str) or not self.query_id:
+            raise ValueError(f"query_id must be a non-empty str, got {self.query_id!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive int, got {self.k!r}")
+        if not isinstance(self.exclude, tuple) or not all(isinstance(item, str) for item in self.exclude):
+            raise ValueError(f"exclude must be a tuple of str ids, got {self.exclude!r}")
+        if not isinstance(self.exclude_seen, bool):
+            raise ValueError(f"exclude_seen must be a bool, got {self.exclude_seen!r}")
 
 
 class MicroBatcher:
