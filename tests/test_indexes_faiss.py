@@ -125,3 +125,7 @@ def test_recall_at_k_by_hand() -> None:
     assert recall_at_k(np.array([["b", "x"], ["y", "z"]]), names) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="same nq"):
         recall_at_k(found[:1], truth)
+    with pytest.raises(ValueError, match="same nq"):
+        recall_at_k(found[0], truth[0])  # 1-D rows
+    with pytest.raises(ValueError, match="truth must hold at least one id per row"):
+        recall_at_k(found, truth[:, :0])
