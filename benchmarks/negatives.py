@@ -32,7 +32,7 @@ from twotower.sampling import (
     UniformSampler,
     mixed_inclusion_probability,
 )
-from twotower.workload import BasicRetrievalModel, Batches, evaluate_ranking, prepare
+from twotower.workload import BasicRetrievalModel, Batches, evaluate_ranking, keras_adagrad, prepare
 
 VARIANTS = ["in-batch", "in-batch, hits removed", "+ logQ (counting)", "+ logQ (streaming)", "mixed + logQ"]
 SAMPLED = 2048
@@ -90,7 +90,7 @@ def run(variant: str, data: Any, seed: int) -> dict[str, float]:
     torch.manual_seed(seed)
     prepared = prepare(data, seed)
     model = Variant(variant, prepared.users, prepared.titles, seed)
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.1, eps=1e-7)
+    optimizer = keras_adagrad(model.parameters())
     train = Batches(prepared.train_users, prepared.train_titles, batch_size=8192, shuffle=True, seed=seed)
     test = Batches(prepared.test_users, prepared.test_titles, batch_size=4096, shuffle=False)
     model.fit(train, optimizer, epochs=3, progress=False)

@@ -29,7 +29,7 @@ import torch
 
 from twotower import BruteForce, Streaming
 from twotower.data.movielens import load_movielens
-from twotower.workload import BasicRetrievalModel, Batches, prepare
+from twotower.workload import BasicRetrievalModel, Batches, keras_adagrad, prepare
 
 DIM = 64
 #: Each training measurement is the best of this many runs of 2 epochs, for both libraries.
@@ -96,7 +96,7 @@ def twotower_run(prepared: Any) -> dict[str, Any]:
     for batch in (1024, 4096):
         torch.manual_seed(0)
         model = BasicRetrievalModel(prepared.users, prepared.titles, DIM)
-        optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.1, eps=1e-7)
+        optimizer = keras_adagrad(model.parameters())
         train = Batches(prepared.train_users, prepared.train_titles, batch_size=batch, shuffle=True, seed=0)
         model.fit(train, optimizer, epochs=1, progress=False)
         seconds = float("inf")
@@ -107,7 +107,7 @@ def twotower_run(prepared: Any) -> dict[str, Any]:
         results[f"train_{batch}"] = 2 * prepared.train_users.shape[0] / seconds
     torch.manual_seed(42)
     model = BasicRetrievalModel(prepared.users, prepared.titles, DIM)
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.1, eps=1e-7)
+    optimizer = keras_adagrad(model.parameters())
     model.fit(Batches(prepared.train_users, prepared.train_titles, batch_size=8192, shuffle=True, seed=42), optimizer,
               epochs=3, progress=False)  # fmt: skip
     test = Batches(prepared.test_users, prepared.test_titles, batch_size=4096, shuffle=False)

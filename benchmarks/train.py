@@ -21,7 +21,7 @@ import torch
 from twotower.data.movielens import load_movielens
 from twotower.losses import in_batch_softmax_cross_entropy
 from twotower.tasks import Retrieval
-from twotower.workload import BasicRetrievalModel, Batches, prepare
+from twotower.workload import BasicRetrievalModel, Batches, keras_adagrad, prepare
 
 
 def _best(function: object, repeats: int) -> float:
@@ -39,7 +39,7 @@ def training_throughput(data_dir: str | None, batch_size: int, fused: bool, epoc
     torch.manual_seed(0)
     model = BasicRetrievalModel(prepared.users, prepared.titles, 32)
     model.task.fused = fused
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1, initial_accumulator_value=0.1, eps=1e-7)
+    optimizer = keras_adagrad(model.parameters())
     train = Batches(prepared.train_users, prepared.train_titles, batch_size=batch_size, shuffle=True, seed=0)
     model.fit(train, optimizer, epochs=1, progress=False)  # warm-up: allocations, first touches
     started = time.perf_counter()

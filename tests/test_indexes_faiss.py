@@ -129,3 +129,43 @@ def test_recall_at_k_by_hand() -> None:
         recall_at_k(found[0], truth[0])  # 1-D rows
     with pytest.raises(ValueError, match="truth must hold at least one id per row"):
         recall_at_k(found, truth[:, :0])
+
+
+def _numpy_top(corpus: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = queries.double().numpy() @ corpus.double().numpy().T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, 1), rows
+
+
+@pytest.mark.parametrize("default_k_factor", [None, 2])
+def test_refined_fast_scan_reranks_exactly(default_k_factor: int | None, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """IVF with 4-bit fast-scan PQ and exact refinement: probing every cell and reranking every candidate
+    (k_factor * k = corpus size) gives numpy's exact ranking and scores; k_factor set for one call applies to
+    that call only, raises recall over the index's own setting, and survives save/load."""
+    corpus, queries = _data(n=2000, nq=100)
+    index = Faiss("IVF16,PQ16x4fs,RFlat", k=10, train_size=2000, nprobe=16, k_factor=default_k_factor).index(corpus)
+    expected_scores, expected_rows = _numpy_top(corpus, queries, 10)
+    _, before = index(queries)
+    scores, everything = index.search(queries, k_factor=200)
+    _, after = index(queries)
+    assert np.mean(everything.numpy() == expected_rows) > 0.999  # only float-rounding swaps of near-ties
+    np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(before, after)
+    own = recall_at_k(before, torch.from_numpy(expected_rows))
+    assert 0.3 < own < 0.99  # 4-bit codes misrank some of the top 10 among only 10 or 20 proposals
+    index.save(tmp_path / "refined.safetensors")
+    loaded = Faiss.load(tmp_path / "refined.safetensors")
+    assert loaded.k_factor == default_k_factor
+    assert torch.equal(loaded(queries)[1], before)
+    assert torch.equal(loaded.search(queries, k_factor=200)[1], everything)
+
+
+def test_k_factor_refusals() -> None:
+    corpus, _ = _data(n=500)
+    with pytest.raises(ValueError, match="k_factor must be a positive int"):
+        Faiss("IVF4,PQ16x4fs,RFlat", k_factor=0)
+    flat = Faiss("IVF4,Flat", k=5, train_size=500).index(corpus)
+    with pytest.raises(ValueError, match="k_factor applies to refined indexes"):
+        flat.search(corpus[:2], k_factor=4)
+    with pytest.raises(ValueError, match="k_factor applies to refined indexes"):
+        Faiss("IVF4,Flat", k=5, train_size=500, k_factor=4).index(corpus)(corpus[:2])

@@ -62,3 +62,56 @@ def test_screen_is_exact_on_near_duplicates(seed: int) -> None:
         order = np.lexsort((np.arange(4000), -all_scores[row]))[:60]
         np.testing.assert_array_equal(got[row].numpy(), order)
         np.testing.assert_array_equal(scores[row].numpy(), all_scores[row, order])
+
+
+def _softmax_rows_or_skip(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    statistics = _native.softmax_rows(logits)
+    if statistics is None:
+        pytest.skip("the vectorised softmax kernel is not built on this machine")
+    return statistics
+
+
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 64, 1000, 1027])
+def test_softmax_rows_match_float64(width: int) -> None:
+    """Row maxima exactly, exp(l - max) within a few ulp, sums within float32 summation error: against numpy
+    in float64, over logits spanning the whole range where exp is normal and beyond (masked entries at the
+    lowest float32, a row of them, and entries more than 87.34 below the row's maximum, which give 0)."""
+    rng = np.random.default_rng(width)
+    logits = rng.normal(scale=30.0, size=(9, width)).astype(np.float32)
+    logits[1] = np.float32(np.finfo(np.float32).min)  # a fully masked row: every term is exp(0)
+    logits[2, ::3] = np.finfo(np.float32).min
+    logits[3, 0] = 200.0  # every other entry of the row falls below exp's normal range
+    tensor = torch.from_numpy(logits.copy())
+    maxima, sums = _softmax_rows_or_skip(tensor)
+    expected_max = logits.max(axis=1)
+    # The difference is rounded to float32 as in torch's sub; exp of it is then compared in float64.
+    shifted = (logits - expected_max[:, None]).astype(np.float64)
+    expected_exp = np.where(shifted < -87.33654475, 0.0, np.exp(shifted))
+    np.testing.assert_array_equal(maxima.numpy(), expected_max)
+    np.testing.assert_allclose(tensor.numpy(), expected_exp, rtol=4e-7, atol=0)
+    np.testing.assert_allclose(sums.numpy(), expected_exp.sum(axis=1), rtol=2e-6)
+    assert sums[1] == width
+    assert sums[3] == 1.0
+
+
+def test_softmax_rows_propagate_nan_and_respect_strides() -> None:
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(5))
+    logits[2, 33] = float("nan")
+    block = torch.full((4, 50), 7.0)
+    block[:, :40] = logits
+    view = block[:, :40]  # rows 50 apart: the last 10 columns of each row are not the block's
+    maxima, sums = _softmax_rows_or_skip(view)
+    assert torch.isnan(sums[2])
+    assert torch.isfinite(sums[[0, 1, 3]]).all()
+    assert torch.equal(block[:, 40:], torch.full((4, 10), 7.0))
+    rows = [0, 1, 3]
+    expected = torch.exp((logits[rows] - logits[rows].amax(1, keepdim=True)).double())
+    torch.testing.assert_close(view[rows].double(), expected, rtol=4e-7, atol=0)
+    torch.testing.assert_close(maxima[rows], logits[rows].amax(1))
+
+
+def test_softmax_rows_decline_what_they_cannot_take() -> None:
+    for logits in (torch.randn(3, 20, dtype=torch.float64), torch.randn(20, 3).T):
+        before = logits.clone()
+        assert _native.softmax_rows(logits) is None
+        assert torch.equal(logits, before)

@@ -547,6 +547,38 @@ class TestFusedLoss:
         expected = [reference_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(5)]
         np.testing.assert_allclose(per_row(queries, candidates).detach().numpy(), expected, rtol=1e-9)
 
+    @pytest.mark.parametrize("native_kernel", [True, False])
+    def test_single_block_at_vector_widths(self, native_kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The single block's row statistics come from the native kernel where it is built, else from torch:
+        both must give float64's loss and gradients, at widths that take the kernel's vector lanes and its tail,
+        with masked entries, a temperature that makes wide logits, and extra candidates."""
+        from twotower import _native
+        from twotower.losses import in_batch_softmax_cross_entropy
+
+        if not native_kernel:
+            monkeypatch.setattr(_native, "softmax_rows", lambda logits: None)
+        elif _native.softmax_rows(torch.zeros(1, 16)) is None:
+            pytest.skip("the vectorised softmax kernel is not built on this machine")
+        generator = torch.Generator().manual_seed(21)
+        queries = torch.randn(40, 8, generator=generator, requires_grad=True)
+        candidates = torch.randn(53, 8, generator=generator, requires_grad=True)
+        bias = torch.rand(53, generator=generator)
+        mask = torch.rand(40, 53, generator=generator) > 0.2
+        weights = torch.rand(40, generator=generator)
+        per_row = in_batch_softmax_cross_entropy(queries, candidates, 0.1, bias, score_mask=mask)
+        (per_row * weights).sum().backward()
+        q64 = queries.detach().double().requires_grad_(True)
+        c64 = candidates.detach().double().requires_grad_(True)
+        logits = q64 @ c64.T / 0.1 + bias.double()
+        logits = torch.where(mask, logits, torch.full_like(logits, float(MIN_FLOAT)))
+        expected = torch.nn.functional.cross_entropy(logits, torch.arange(40), reduction="none")
+        (expected * weights.double()).sum().backward()
+        assert q64.grad is not None
+        assert c64.grad is not None
+        torch.testing.assert_close(per_row.detach().double(), expected.detach(), rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(queries.grad, q64.grad.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(candidates.grad, c64.grad.float(), rtol=1e-4, atol=1e-4)
+
     def test_backward_twice_with_retained_graph(self) -> None:
         """The single-block backward reuses the forward's exponentials: a second backward must see them intact."""
         from twotower.losses import in_batch_softmax_cross_entropy

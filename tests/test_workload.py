@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from twotower.cli import main
-from twotower.workload import PUBLISHED, WorkloadConfig, load_run, recommend
+from twotower.workload import PUBLISHED, Batches, WorkloadConfig, keras_adagrad, load_run, recommend
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "ml-100k").is_dir(), reason=f"no local MovieLens copy at {SHARED}")
@@ -132,3 +134,38 @@ def test_the_run_serves_its_bundle_over_http(run_dir: Path) -> None:
     assert response.status_code == 200
     expected = recommend(load_run(run_dir), "42", k=10)
     assert [(item["id"], item["score"]) for item in response.json()["items"]] == expected
+
+
+def test_keras_adagrad_steps_as_keras() -> None:
+    """Three steps of Keras's Adagrad by hand: accumulator from 0.1, += g^2; w -= lr * g / (sqrt(acc) + 1e-7)."""
+    rng = np.random.default_rng(4)
+    start = rng.normal(size=(6, 3))
+    tables = [torch.nn.Parameter(torch.tensor(start, dtype=torch.float32)) for _ in range(2)]
+    optimizer = keras_adagrad(tables, learning_rate=0.05)
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert optimizer.defaults["fused"] is True
+    weights, accumulator = start.copy(), np.full_like(start, 0.1)
+    for _ in range(3):
+        gradient = rng.normal(size=start.shape)
+        for table in tables:
+            table.grad = torch.tensor(gradient, dtype=torch.float32)
+        optimizer.step()
+        accumulator += gradient**2
+        weights -= 0.05 * gradient / (np.sqrt(accumulator) + 1e-7)
+    for table in tables:
+        np.testing.assert_allclose(table.detach().numpy(), weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_follow_the_seeded_permutation(shuffle: bool) -> None:
+    """Each epoch draws one permutation from the seeded generator; batches are its consecutive slices (the last
+    one short), for every aligned tensor."""
+    users, items = torch.arange(10) * 10, torch.arange(10) * 100
+    batches = Batches(users, items, batch_size=4, shuffle=shuffle, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        order = torch.randperm(10, generator=generator) if shuffle else torch.arange(10)
+        got = list(batches)
+        assert [batch[0].shape[0] for batch in got] == [4, 4, 2]
+        assert torch.equal(torch.cat([batch[0] for batch in got]), order * 10)
+        assert torch.equal(torch.cat([batch[1] for batch in got]), order * 100)

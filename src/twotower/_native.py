@@ -1,4 +1,4 @@
-"""The optional native selection kernel (``native/topk.c``), compiled on first use with the system C compiler.
+"""The optional native kernels (``native/*.c``), compiled on first use with the system C compiler.
 
 The exact top-K search spends its time in two places: the matrix multiply (torch's BLAS) and the selection of
 the best candidates from each block of scores. Selection with torch operations costs several passes over the
@@ -7,6 +7,9 @@ It is compiled once per machine into the user's cache directory (``$TWOTOWER_CAC
 ``~/.cache/twotower``), keyed by the source, the compiler flags and the CPU's features. Without a C compiler,
 or with ``TWOTOWER_NATIVE=0``, the pure torch path is used. Results are the same exact top-k on every path, up
 to the last-bit rounding of float32 dot products.
+
+``native/softmax.c`` holds the other kernel: the row maximum, exponentials and row sums of the single-block
+in-batch softmax in one pass over each row (see :func:`softmax_rows`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+_SOURCES = ("topk.c", "softmax.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -52,18 +56,20 @@ def load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    source = resources.files("twotower").joinpath("native/topk.c").read_text()
-    key = hashlib.sha256("\n".join([source, compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    library = _cache_dir() / "native" / key / "libtwotower_topk.so"
+    sources = {name: resources.files("twotower").joinpath(f"native/{name}").read_text() for name in _SOURCES}
+    key = hashlib.sha256("\n".join([*sources.values(), compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    library = _cache_dir() / "native" / key / "libtwotower.so"
     try:
         if not library.exists():
             library.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=library.parent) as build:
-                source_path = Path(build) / "topk.c"
-                source_path.write_text(source)
+                paths = []
+                for name, text in sources.items():
+                    paths.append(Path(build) / name)
+                    paths[-1].write_text(text)
                 output = Path(build) / library.name
                 subprocess.run(
-                    [compiler, *_FLAGS, str(source_path), "-o", str(output), "-lm"],
+                    [compiler, *_FLAGS, *map(str, paths), "-o", str(output), "-lm"],
                     check=True,
                     capture_output=True,
                     text=True,
@@ -74,7 +80,7 @@ def load() -> ctypes.CDLL | None:
         kernel = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
-        warnings.warn(f"twotower: native top-K kernel unavailable, using torch ({detail.strip()[:300]})", stacklevel=2)
+        warnings.warn(f"twotower: native kernels unavailable, using torch ({detail.strip()[:300]})", stacklevel=2)
         return None
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     signatures = {
@@ -84,12 +90,42 @@ def load() -> ctypes.CDLL | None:
                                  pointer, pointer, pointer, integer, integer],
         "twotower_topk_finish": [pointer, pointer, pointer, integer, integer, integer],
         "twotower_pair_scores": [pointer, pointer, integer, integer, pointer, integer],
+        "twotower_softmax_rows": [pointer, integer, integer, integer, pointer, pointer, integer],
     }  # fmt: skip
     for name, argtypes in signatures.items():
         function = getattr(kernel, name)
         function.restype = None
         function.argtypes = argtypes
+    kernel.twotower_softmax_rows_vectorized.restype = ctypes.c_int
+    kernel.twotower_softmax_rows_vectorized.argtypes = []
     return kernel
+
+
+def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row maxima and sums of exponentials of float32 CPU ``logits`` ``[rows, cols]`` (unit column stride), with
+    ``exp(logits - max)`` written over ``logits``; ``None`` (and ``logits`` untouched) where the kernel is not
+    built with AVX-512, since torch's own vectorised passes are then as fast.
+
+    Returns:
+        ``(maxima [rows], sums [rows])``, as ``logits.amax(1)`` and ``exp(logits - maxima).sum(1)``.
+    """
+    kernel = load()
+    if (
+        kernel is None
+        or not kernel.twotower_softmax_rows_vectorized()
+        or logits.dtype != torch.float32
+        or logits.device.type != "cpu"
+        or logits.ndim != 2
+        or logits.stride(1) != 1
+    ):
+        return None
+    rows = logits.shape[0]
+    maxima, sums = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
+    kernel.twotower_softmax_rows(
+        logits.data_ptr(), rows, logits.shape[1], logits.stride(0), maxima.data_ptr(), sums.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return maxima, sums
 
 
 @functools.cache

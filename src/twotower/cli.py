@@ -25,7 +25,16 @@ from twotower.indexes import BruteForce
 from twotower.metrics import BatchTopKAccuracy, FactorizedTopK, LossMean
 from twotower.serving import BundleError
 from twotower.tasks import Retrieval
-from twotower.workload import PUBLISHED, RunError, WorkloadConfig, load_run, recommend, save_run, train_and_evaluate
+from twotower.workload import (
+    PUBLISHED,
+    RunError,
+    WorkloadConfig,
+    keras_adagrad,
+    load_run,
+    recommend,
+    save_run,
+    train_and_evaluate,
+)
 
 
 class EmbeddingTwoTower(nn.Module):
@@ -175,7 +184,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     )
     model = EmbeddingTwoTower(data.num_users, data.num_items, args.dim)
     task = Retrieval(batch_metrics=[BatchTopKAccuracy(k=1)], loss_metrics=[LossMean()])
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=args.learning_rate, initial_accumulator_value=0.1, eps=1e-7)
+    optimizer = keras_adagrad(model.parameters(), args.learning_rate)
     print(
         f"twotower synthetic: {data.num_users} users, {data.num_items} items, "
         f"{data.train_users.shape[0]} train / {data.test_users.shape[0]} test interactions"

@@ -498,6 +498,9 @@ class Faiss(TopK):
         train_size: how many candidates (a seeded random sample) train the index, for index types that train.
         nprobe: IVF cells visited per query (per-call override in :meth:`search`).
         ef_search: HNSW search breadth (per-call override in :meth:`search`).
+        k_factor: for a refined index (factory ending in ``",RFlat"``, e.g. ``"IVF1024,PQ32x4fs,RFlat"``): the
+            base index proposes ``k_factor * k`` candidates by its approximate scores, and they are reranked by
+            their exact inner products (per-call override in :meth:`search`).
         seed: seed of the training sample.
 
     Exclusions are applied by retrieving ``k`` plus the number of excluded ids of each query and removing them,
@@ -513,6 +516,7 @@ class Faiss(TopK):
         train_size: int = 100_000,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        k_factor: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(k, query_model)
@@ -525,12 +529,13 @@ class Faiss(TopK):
             _check_optional_positive(nprobe, "nprobe"),
             _check_optional_positive(ef_search, "ef_search"),
         )
+        self.k_factor = _check_optional_positive(k_factor, "k_factor")
         self._index: Any = None
         self._count = 0
         self._dimension = 0
         # FAISS's own values of the search parameters, restored when neither the call nor the index sets one.
         self._faiss_defaults: dict[str, int] = {}
-        self._call_parameters: tuple[int | None, int | None] | None = None
+        self._call_parameters: tuple[int | None, int | None, int | None] | None = None
 
     def is_exact(self) -> bool:
         return False
@@ -564,7 +569,7 @@ class Faiss(TopK):
         self._ids = IdTable(values)
         return self
 
-    def _set_parameters(self, nprobe: int | None, ef_search: int | None) -> None:
+    def _set_parameters(self, nprobe: int | None, ef_search: int | None, k_factor: int | None) -> None:
         import faiss
 
         space = faiss.ParameterSpace()
@@ -575,6 +580,14 @@ class Faiss(TopK):
                     space.set_index_parameter(self._index, name, value)
                 except RuntimeError as error:
                     raise ValueError(f"{name} does not apply to a {self.factory!r} index: {error}") from error
+        refined = faiss.downcast_index(self._index)
+        if not isinstance(refined, faiss.IndexRefine):
+            if k_factor is not None:
+                raise ValueError(
+                    f"k_factor applies to refined indexes (a factory ending in ',RFlat'), not to {self.factory!r}"
+                )
+            return
+        refined.k_factor = float(k_factor if k_factor is not None else self._faiss_defaults["k_factor"])
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the FAISS index, ids and settings to ``path`` (safetensors) atomically, with a checksum."""
@@ -588,13 +601,19 @@ class Faiss(TopK):
         return _faiss_load(path, query_model)
 
     def search(
-        self, queries: Any, k: int | None = None, nprobe: int | None = None, ef_search: int | None = None
+        self,
+        queries: Any,
+        k: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        k_factor: int | None = None,
     ) -> tuple[torch.Tensor, Ids]:
-        """Like calling the index, with ``nprobe`` / ``ef_search`` for this call only (later calls use the
-        index's own settings again)."""
+        """Like calling the index, with ``nprobe`` / ``ef_search`` / ``k_factor`` for this call only (later
+        calls use the index's own settings again)."""
         self._call_parameters = (
             _check_optional_positive(nprobe, "nprobe") or self.nprobe,
             _check_optional_positive(ef_search, "ef_search") or self.ef_search,
+            _check_optional_positive(k_factor, "k_factor") or self.k_factor,
         )
         try:
             return self._query(queries, k, None)
@@ -606,7 +625,7 @@ class Faiss(TopK):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._index is None:
             raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
-        self._set_parameters(*(self._call_parameters or (self.nprobe, self.ef_search)))
+        self._set_parameters(*(self._call_parameters or (self.nprobe, self.ef_search, self.k_factor)))
         extra = 0 if exclusions is None else int((exclusions >= 0).sum(dim=1).max())
         wanted = min(k + extra, self._count)
         matrix = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
@@ -646,6 +665,7 @@ def _faiss_save(index: Faiss, path: str | os.PathLike[str]) -> None:
         "k": str(index.k),
         "nprobe": str(index.nprobe or 0),
         "ef_search": str(index.ef_search or 0),
+        "k_factor": str(index.k_factor or 0),
         "train_size": str(index.train_size),
     }
     _save_index_file(Path(path), "twotower.Faiss", tensors, metadata)
@@ -662,6 +682,8 @@ def _faiss_load(path: str | os.PathLike[str], query_model: nn.Module | Callable[
         train_size=int(metadata["train_size"]),
         nprobe=int(metadata["nprobe"]) or None,
         ef_search=int(metadata["ef_search"]) or None,
+        # Files written before k_factor existed have none.
+        k_factor=int(metadata.get("k_factor", "0")) or None,
     )
     index._index = faiss.deserialize_index(tensors["faiss_index"].numpy())
     index._count, index._dimension = int(index._index.ntotal), int(index._index.d)
@@ -673,7 +695,7 @@ def _faiss_load(path: str | os.PathLike[str], query_model: nn.Module | Callable[
 
 
 def _faiss_search_defaults(index: Any) -> dict[str, int]:
-    """The ``nprobe`` / ``efSearch`` values a freshly built or loaded FAISS index searches with."""
+    """The ``nprobe`` / ``efSearch`` / ``k_factor`` values a freshly built or loaded FAISS index searches with."""
     import faiss
 
     defaults: dict[str, int] = {}
@@ -682,6 +704,9 @@ def _faiss_search_defaults(index: Any) -> dict[str, int]:
     hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
     if hnsw is not None:
         defaults["efSearch"] = int(hnsw.efSearch)
+    refined = faiss.downcast_index(index)
+    if isinstance(refined, faiss.IndexRefine):
+        defaults["k_factor"] = int(refined.k_factor)
     return defaults
 
 

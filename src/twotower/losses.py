@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from twotower import _native
 from twotower._checks import require_finite
 
 #: The value TFRS adds to a logit to remove it from the softmax: float32's lowest value / 100, so that adding
@@ -224,12 +225,16 @@ class _InBatchSoftmax(torch.autograd.Function):
             # One block: its logits fit in cache, so the forward keeps their exponentials for the backward
             # instead of recomputing them.
             logits = _chunk_logits(queries, candidates, 0, temperature, bias, candidate_codes, score_mask)
-            rows = torch.arange(num_queries, device=logits.device)
-            positives = logits[rows, rows]
-            maxima = logits.amax(dim=1)
-            # The arithmetic of torch.logsumexp, max + log(sum(exp(l - max))), keeping exp(l - max).
-            exponentials = logits.sub_(maxima[:, None]).exp_()
-            sums = exponentials.sum(dim=1)
+            positives = logits.diagonal().clone()
+            # The arithmetic of torch.logsumexp, max + log(sum(exp(l - max))), keeping exp(l - max) in place.
+            statistics = _native.softmax_rows(logits)
+            if statistics is None:
+                maxima = logits.amax(dim=1)
+                sums = logits.sub_(maxima[:, None]).exp_().sum(dim=1)
+            else:
+                # The same in one pass over each row (four passes over the whole block in torch).
+                maxima, sums = statistics
+            exponentials = logits
             ctx.single_block = True
             ctx.save_for_backward(queries, candidates, exponentials, sums, score_mask)
             result: torch.Tensor = maxima + sums.log() - positives

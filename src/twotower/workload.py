@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -106,10 +106,25 @@ class BasicRetrievalModel(Model):
         return BruteForce(k=100).index(embeddings, self.titles.values)
 
 
+def keras_adagrad(parameters: Iterable[torch.nn.Parameter], learning_rate: float = 0.1) -> torch.optim.Adagrad:
+    """TFRS's optimizer: Adagrad with Keras's defaults (initial accumulator 0.1, epsilon 1e-7).
+
+    The fused implementation (one kernel for every parameter, torch 2.4+) where this torch has it: it updates
+    the tutorial's two embedding tables in about half the time of the per-tensor loop, with the same arithmetic
+    up to float32 rounding.
+    """
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adagrad(parameters, lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7, fused=True)
+    except (TypeError, RuntimeError):  # torch < 2.4 has no fused Adagrad, or not for these tensors' device
+        return torch.optim.Adagrad(parameters, lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7)
+
+
 class Batches:
     """Re-iterable, seeded, shuffled batches of aligned index tensors (a light DataLoader for in-memory data).
 
     ``generator`` is exposed as a DataLoader's is, so that checkpoints save and restore the shuffling state.
+    Batches are views of one epoch-wide copy (of the tensors themselves when not shuffled): do not modify them.
     With ``shard=True`` under ``torch.distributed``, each rank yields its slice of every global batch.
     """
 
@@ -127,11 +142,17 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         rows = self.tensors[0].shape[0]
         order = torch.randperm(rows, generator=self.generator) if self.shuffle else torch.arange(rows)
+        if not self.shard:
+            # One gather per epoch, then every batch is a view: a gather per batch and tensor costs more than
+            # the whole epoch's at small batches.
+            shuffled = tuple(tensor[order] for tensor in self.tensors) if self.shuffle else self.tensors
+            for start in range(0, rows, self.batch_size):
+                yield tuple(tensor[start : start + self.batch_size] for tensor in shuffled)
+            return
         for start in range(0, rows, self.batch_size):
+            # Every rank draws the same global batch (same seed) and keeps its own slice of it.
             chosen = order[start : start + self.batch_size]
-            if self.shard:
-                # Every rank draws the same global batch (same seed) and keeps its own slice of it.
-                chosen = chosen[distributed.shard_rows(chosen.shape[0])]
+            chosen = chosen[distributed.shard_rows(chosen.shape[0])]
             yield tuple(tensor[chosen] for tensor in self.tensors)
 
 
@@ -196,9 +217,7 @@ def train_and_evaluate(
     torch.manual_seed(config.seed)
     prepared = prepare(data, config.seed)
     model = BasicRetrievalModel(prepared.users, prepared.titles, config.embedding_dim)
-    optimizer = torch.optim.Adagrad(
-        model.parameters(), lr=config.learning_rate, initial_accumulator_value=0.1, eps=1e-7
-    )
+    optimizer = keras_adagrad(model.parameters(), config.learning_rate)
     # Under torch.distributed (torchrun) each rank takes its slice of every global batch; the gradients are
     # summed, so training is the single-process computation on the same global batches.
     shard = distributed.is_distributed()

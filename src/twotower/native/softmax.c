@@ -1,0 +1,85 @@
+/* Row statistics of the in-batch softmax, the elementwise part of the single-block loss.
+ *
+ * For each row of a [rows, cols] block of logits: its maximum m, then exp(l - m) written over the logits and
+ * their sum s, in one visit of the row while it is in cache. torch needs four passes over the whole block for
+ * the same (amax, sub, exp, sum), each reading it from memory again.
+ *
+ * exp is Cephes's single-precision expf (range reduction by ln 2 split in two, a degree-6 polynomial): within
+ * 2 ulp of the exact value. Arguments below -87.3365 (where expf leaves the normal range) give exactly 0; they
+ * only arise at least 87 below the row's maximum, whose own term is 1, so the sum is unchanged in float32.
+ * NaN propagates into the row's sum.
+ */
+#include <math.h>
+#include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define EXP_LOWEST -87.33654475f
+
+static inline float exp_scalar(float x) {
+    return x < EXP_LOWEST ? 0.0f : expf(x);
+}
+
+#ifdef __AVX512F__
+static inline __m512 exp16(__m512 x) {
+    /* Lanes far below the normal range are zeroed at the end; NaN lanes compare unordered and are kept. */
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LOWEST), _CMP_NLT_UQ);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* ln 2 = 0.693359375 - 2.12194440e-4, the first part exact in few bits, so n * it is exact. */
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+#endif
+
+/* logits: [rows, cols] with row stride `stride`, overwritten by exp(l - max); maxima, sums: [rows]. */
+void twotower_softmax_rows(float *logits, int64_t rows, int64_t cols, int64_t stride, float *maxima, float *sums,
+                           int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = logits + r * stride;
+        float m = -INFINITY;
+        int64_t j = 0;
+#ifdef __AVX512F__
+        __m512 block_max = _mm512_set1_ps(-INFINITY);
+        for (; j + 16 <= cols; j += 16) block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(row + j));
+        m = _mm512_reduce_max_ps(block_max);
+#endif
+        for (; j < cols; ++j) m = row[j] > m ? row[j] : m;
+        float s = 0.0f;
+        j = 0;
+#ifdef __AVX512F__
+        __m512 block_sum = _mm512_setzero_ps(), shift = _mm512_set1_ps(m);
+        for (; j + 16 <= cols; j += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift));
+            _mm512_storeu_ps(row + j, e);
+            block_sum = _mm512_add_ps(block_sum, e);
+        }
+        s = _mm512_reduce_add_ps(block_sum);
+#endif
+        for (; j < cols; ++j) {
+            row[j] = exp_scalar(row[j] - m);
+            s += row[j];
+        }
+        maxima[r] = m;
+        sums[r] = s;
+    }
+}
+
+/* Whether the vectorised path was compiled in (the scalar one is slower than torch's passes). */
+int twotower_softmax_rows_vectorized(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
