@@ -149,11 +149,11 @@ def compare(
             batch, single = rates(lambda q, s=setting, i=index: i.search(q, k=100, **s), queries, single_queries)
             rows.append((name, build_seconds, batch, single, recall_10, recall_100))
         del index
-    header = f"{'index':<34}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
+    header = f"{'index':<48}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
     print(header + f"{'1-query q/s':>12}{'x exact':>8}{'x Flat':>8}{'recall@10':>11}{'recall@100':>12}")
     for name, build_seconds, batch, single, recall_10, recall_100 in rows:
         print(
-            f"{name:<34}{build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}{batch / flat_rates[0]:>8.1f}"
+            f"{name:<48}{build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}{batch / flat_rates[0]:>8.1f}"
             f"{single:>12,.0f}{single / exact_rates[1]:>8.1f}{single / flat_rates[1]:>8.1f}"
             f"{recall_10:>11.4f}{recall_100:>12.4f}"
         )

@@ -169,3 +169,25 @@ def test_k_factor_refusals() -> None:
         flat.search(corpus[:2], k_factor=4)
     with pytest.raises(ValueError, match="k_factor applies to refined indexes"):
         Faiss("IVF4,Flat", k=5, train_size=500, k_factor=4).index(corpus)(corpus[:2])
+
+
+@pytest.mark.parametrize("string_ids", [False, True])
+def test_missing_results_are_empty_slots(string_ids: bool) -> None:
+    """One probed cell of 16 holds fewer than k = 300 of 2,000 rows: FAISS pads with -1, which must come back as
+    score -inf and the empty id (-1, or "" for string ids), after every found row in descending score order."""
+    corpus, queries = _data(n=2000, nq=20)
+    ids = np.array([f"item{i}" for i in range(2000)]) if string_ids else np.arange(2000) * 7
+    index = Faiss("IVF16,Flat", k=300, train_size=2000, nprobe=1).index(corpus, ids)
+    scores, found = index(queries)
+    found_np = np.asarray(found)
+    empty = found_np == ("" if string_ids else -1)
+    assert empty.any()
+    assert (empty == np.isneginf(scores.numpy())).all()
+    for row in range(20):
+        count = int((~empty[row]).sum())
+        assert not empty[row, :count].any()  # the found rows come first
+        kept = found_np[row, :count]
+        positions = np.array([int(str(v)[4:]) for v in kept]) if string_ids else kept.astype(np.int64) // 7
+        expected = (queries[row].double() @ corpus[positions].double().T).numpy()
+        np.testing.assert_allclose(scores[row, :count].numpy(), expected, rtol=1e-5, atol=1e-5)
+        assert (np.diff(scores[row, :count].numpy()) <= 0).all()
