@@ -217,6 +217,13 @@ class TopK(nn.Module, abc.ABC):
         return scores, table.take(rows)
 
     def _embed_queries(self, queries: Any) -> torch.Tensor:
+        embeddings = self._query_embeddings(queries)
+        require_finite(embeddings, "queries")
+        return embeddings
+
+    def _query_embeddings(self, queries: Any) -> torch.Tensor:
+        """The query model's output (or ``queries`` without one), checked to be ``[nq, dimension]`` floating
+        point (not yet checked to be finite), detached."""
         if self.query_model is not None:
             with torch.no_grad():
                 queries = self.query_model(queries)
@@ -225,7 +232,6 @@ class TopK(nn.Module, abc.ABC):
             raise ValueError(
                 f"queries have dimension {embeddings.shape[1]} but the index holds {self.dimension}-d candidates"
             )
-        require_finite(embeddings, "queries")
         return embeddings.detach()
 
     @staticmethod
@@ -653,15 +659,8 @@ class Faiss(TopK):
         if self._index is None:
             raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
         table = self.ids
-        if self.query_model is not None:
-            with torch.no_grad():
-                queries = self.query_model(queries)
-        embeddings = require_floating(queries, "queries", (2,))
-        if embeddings.shape[1] != self.dimension:
-            raise ValueError(
-                f"queries have dimension {embeddings.shape[1]} but the index holds {self.dimension}-d candidates"
-            )
-        matrix = np.ascontiguousarray(embeddings.detach().to("cpu", torch.float32).numpy())
+        embeddings = self._query_embeddings(queries)
+        matrix = np.ascontiguousarray(embeddings.to("cpu", torch.float32).numpy())
         if not np.isfinite(matrix).all():
             require_finite(embeddings, "queries")  # raises, with the count of bad values
         k = min(_check_k(self.k if k is None else k), self.num_candidates)
