@@ -254,6 +254,11 @@ class ShardedIndex(TopK):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.local._search(queries, k, exclusions)
 
+    def _top_scores(self, queries: Any, k: int) -> torch.Tensor:
+        # The merge across ranks goes through _query.
+        scores: torch.Tensor = self._query(queries, k, None)[0]
+        return scores
+
     def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Any]:
         if not is_distributed():
             return self.local._query(queries, k, exclusions)

@@ -216,6 +216,14 @@ class TopK(nn.Module, abc.ABC):
             scores, rows = self._search(embeddings, k, positions)
         return scores, table.take(rows)
 
+    def _top_scores(self, queries: Any, k: int) -> torch.Tensor:
+        """``[nq, min(k, n)]`` best scores, without their ids: score-based metrics need none, and looking up
+        string ids (``[nq, k]`` strings) costs more than the exact search of a small corpus."""
+        embeddings = self._embed_queries(queries)
+        with torch.no_grad():
+            scores, _ = self._search(embeddings, min(_check_k(k), self.num_candidates), None)
+        return scores
+
     def _embed_queries(self, queries: Any) -> torch.Tensor:
         embeddings = self._query_embeddings(queries)
         require_finite(embeddings, "queries")

@@ -310,7 +310,7 @@ class FactorizedTopK(FactorizedMetric, _WeightedMeans):
         else:
             if not self.index.is_exact():
                 raise ValueError("score-based FactorizedTopK needs an exact index: pass true_candidate_ids")
-            scores, _ = self.index(query_embeddings, k=k_max)
+            scores = self.index._top_scores(query_embeddings, k_max)
             # Same arithmetic as the corpus scan: an exact copy of the true candidate ties with it.
             positive = self.index.score_pairs(query_embeddings, true_candidate_embeddings).to(scores.device)
             above = torch.cumsum((scores > positive[:, None]).to(torch.int64), dim=1)
