@@ -51,38 +51,28 @@ class IdTable:
         self.is_string = values.dtype.kind in "USO"
         if self.is_string:
             self.values = values.astype(str)
-            self._torch_values: torch.Tensor | None = None
+            self._lookup = self.values
         else:
-            self._torch_values = torch.as_tensor(values.astype(np.int64))
+            self._lookup = values.astype(np.int64)
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
-    def take_numpy(self, positions: np.ndarray, device: torch.device | str = "cpu") -> Ids:
-        """:meth:`take` for numpy ``positions``, in numpy until the integer ids become a tensor on ``device``."""
-        empty = positions < 0
-        has_empty = bool(empty.any())
-        ids_np: np.ndarray = self.values[np.where(empty, 0, positions) if has_empty else positions]
-        if self.is_string:
-            return np.where(empty, "", ids_np) if has_empty else ids_np
-        if has_empty:
-            ids_np = np.where(empty, -1, ids_np)
-        return _on_device(torch.from_numpy(np.ascontiguousarray(ids_np, dtype=np.int64)), device)
-
     def take(self, positions: torch.Tensor) -> Ids:
         """Ids at row ``positions`` (any shape); position ``-1`` (an empty slot) gives id ``-1`` or ``""``."""
-        flat = positions.detach().cpu()
-        empty = flat < 0
+        return self.take_numpy(positions.detach().cpu().numpy(), positions.device)
+
+    def take_numpy(self, positions: np.ndarray, device: torch.device | str = "cpu") -> Ids:
+        """:meth:`take` for numpy ``positions``: integer ids come back as a tensor on ``device``."""
+        empty = positions < 0
         has_empty = bool(empty.any())
-        safe = flat.clamp(min=0) if has_empty else flat
-        if self._torch_values is not None:
-            ids = self._torch_values[safe]
-            return (ids.masked_fill(empty, -1) if has_empty else ids).to(positions.device)
-        ids_np: np.ndarray = self.values[safe.numpy()]
+        ids: np.ndarray = self._lookup[np.where(empty, 0, positions) if has_empty else positions]
         if has_empty:
-            ids_np = np.where(empty.numpy(), "", ids_np)
-        return ids_np
+            ids = np.where(empty, "" if self.is_string else -1, ids)
+        if self.is_string:
+            return ids
+        return _on_device(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), device)
 
     def positions_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows holding each of ``ids`` (1-D): returns ``(which_id, row)`` pairs; unknown ids give no pair."""
