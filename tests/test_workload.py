@@ -169,3 +169,10 @@ def test_batches_follow_the_seeded_permutation(shuffle: bool) -> None:
         assert [batch[0].shape[0] for batch in got] == [4, 4, 2]
         assert torch.equal(torch.cat([batch[0] for batch in got]), order * 10)
         assert torch.equal(torch.cat([batch[1] for batch in got]), order * 100)
+
+
+def test_keras_adagrad_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.1"):
+        keras_adagrad([torch.nn.Parameter(torch.zeros(2))], learning_rate=-0.1)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        keras_adagrad([], learning_rate=0.1)

@@ -654,9 +654,7 @@ class Faiss(TopK):
         # A server sends one query per call. Right after a FAISS search each torch operation costs tens of
         # microseconds (measured: a trivial one adds 30 us to a 330 us search), so the whole path, from the query's
         # conversion to the ids, stays in numpy.
-        if self._index is None:
-            raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
-        table = self.ids
+        table = self.ids  # raises while the index is not built
         embeddings = self._query_embeddings(queries)
         matrix = np.ascontiguousarray(embeddings.to("cpu", torch.float32).numpy())
         if not np.isfinite(matrix).all():
