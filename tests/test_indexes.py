@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from twotower import BruteForce, Streaming, _topk
 from twotower.indexes import TopK
@@ -107,12 +111,14 @@ def test_exclusions_as_padded_tensor_and_string_ids() -> None:
     np.testing.assert_array_equal(scores.numpy(), [[2.0, 1.0], [3.0, 0.0]])
 
 
-def test_excluding_more_than_the_corpus_leaves_minus_infinity() -> None:
-    index = BruteForce().index(torch.tensor([[1.0], [2.0], [3.0]]))
-    scores, got = index.query_with_exclusions(torch.tensor([[1.0]]), torch.tensor([[2, 0]]), k=3)
+def test_excluding_more_than_the_corpus_leaves_empty_slots() -> None:
+    index = BruteForce().index(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([10, 11, 12]))
+    scores, got, rows = index.query_rows(torch.tensor([[1.0]]), k=3, exclusions=torch.tensor([[12, 10]]))
     assert scores[0, 0] == 2.0
-    assert torch.isinf(scores[0, 1:]).all()
-    assert set(got[0, 1:].tolist()) == {0, 2}
+    assert got[0, 0] == 11
+    # Excluded candidates never come back: the slots past the remaining candidate are empty (row -1, -inf).
+    assert rows[0].tolist() == [1, -1, -1]
+    assert torch.isneginf(scores[0, 1:]).all()
 
 
 def test_duplicate_ids_are_separate_rows_and_excluded_together() -> None:
@@ -186,6 +192,25 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path: Path) -> None:
         BruteForce.load(tmp_path / "missing.safetensors")
 
 
+def test_a_changed_setting_in_the_header_is_refused(tmp_path: Path) -> None:
+    """The header's settings (k here) are inside the checksum: a bit flip there used to change k silently."""
+    path = tmp_path / "index.safetensors"
+    BruteForce(k=100).index(torch.randn(50, 4)).save(path)
+    data = path.read_bytes()
+    assert data.count(b'"k":"100"') == 1
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(data.replace(b'"k":"100"', b'"k":"108"'))
+    with pytest.raises(ValueError, match="corrupt"):
+        BruteForce.load(flipped)
+    # A file whose checksum holds but whose settings are malformed (written by another tool) is refused by name.
+    from twotower.indexes import _save_index_file
+
+    malformed = tmp_path / "malformed.safetensors"
+    _save_index_file(malformed, "twotower.BruteForce", {"candidates": torch.zeros(2, 2)}, {"k": "1e9"})
+    with pytest.raises(ValueError, match="k is '1e9', not a whole number"):
+        BruteForce.load(malformed)
+
+
 class TestBadInput:
     def test_query_before_index(self) -> None:
         with pytest.raises(RuntimeError, match="has not been built"):
@@ -255,3 +280,130 @@ def test_few_queries_use_wide_pieces_with_the_same_results(kind: str, monkeypatc
         expected_scores, expected_rows = _reference(corpus, block, 40, [set(rows.tolist()) for rows in excluded])
         np.testing.assert_array_equal(scores.numpy(), expected_scores)
         np.testing.assert_array_equal(np.asarray(got), ids[expected_rows])
+
+
+def _check_against_float64(
+    corpus: np.ndarray, queries: np.ndarray, k: int, scores: np.ndarray, rows: np.ndarray
+) -> None:
+    """The returned rows are a true top-k up to float32 rounding, and their scores are the float64 scores rounded.
+
+    Float32 dot products carry a relative error of at most ``d * 2^-24`` of ``|q| |c|``; anything inside that
+    tolerance may swap, anything outside it may not. Scores beyond float32's range are reported as +-inf.
+    """
+    truth = queries.astype(np.float64) @ corpus.astype(np.float64).T
+    tolerance = 4 * queries.shape[1] * 2.0**-24 * np.linalg.norm(queries.astype(np.float64), axis=1)
+    tolerance *= np.linalg.norm(corpus.astype(np.float64), axis=1).max()
+    assert (rows >= 0).all(), "every slot holds a real candidate when k <= n"
+    for i in range(queries.shape[0]):
+        assert len(set(rows[i].tolist())) == k
+        kth_true = np.sort(truth[i])[::-1][k - 1]
+        returned = truth[i, rows[i]]
+        assert returned.min() >= kth_true - tolerance[i], f"row {i}: a candidate outside the true top {k}"
+        assert (np.diff(returned) <= tolerance[i]).all(), f"row {i}: not in descending true order"
+        with np.errstate(over="ignore"):
+            expected = returned.astype(np.float32)
+        finite = np.isfinite(expected)
+        np.testing.assert_array_equal(np.isinf(scores[i]), ~finite)
+        np.testing.assert_array_equal(np.sign(scores[i][~finite]), np.sign(expected[~finite]))
+        # Rounding to float32 once more (and subnormal spacing 2^-149) on top of the ranking tolerance.
+        error = np.abs(scores[i][finite].astype(np.float64) - returned[finite])
+        assert (error <= tolerance[i] + 2.0**-149 + 2.0**-23 * np.abs(returned[finite])).all()
+
+
+def test_tiny_embeddings_are_ranked_exactly() -> None:
+    """AMX flushes float32 subnormal products to zero: at 1e-20 the bfloat16 screen used to miss the true top-k."""
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(1, 32, generator=generator) * 1e-20
+    corpus = torch.randn(5000, 32, generator=generator) * 1e-20
+    scores, rows = BruteForce(k=3).index(corpus)(queries)
+    truth = queries.double() @ corpus.double().T
+    np.testing.assert_array_equal(rows.numpy(), torch.topk(truth, 3).indices.numpy())
+    _check_against_float64(corpus.numpy(), queries.numpy(), 3, scores.numpy(), rows.numpy())
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "streaming"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    query_exponent=st.floats(min_value=-30, max_value=30),
+    corpus_exponent=st.floats(min_value=-30, max_value=30),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_exact_for_every_magnitude(kind: str, query_exponent: float, corpus_exponent: float, seed: int) -> None:
+    """Magnitudes 1e-30..1e30 for queries and corpus independently: products from 1e-60 (below float32's
+    subnormals) to 1e60 (above its largest value), ranked as float64 ranks them."""
+    rng = np.random.default_rng(seed)
+    queries = (rng.normal(size=(7, 24)) * 10.0**query_exponent).astype(np.float32)
+    corpus = (rng.normal(size=(4500, 24)) * 10.0**corpus_exponent).astype(np.float32)
+    index = _build(kind, corpus, np.arange(4500))
+    scores, rows = index(torch.as_tensor(queries), k=10)
+    _check_against_float64(corpus, queries, 10, scores.numpy(), rows.numpy())
+
+
+def test_overflowing_scores_keep_their_ids() -> None:
+    """Float32 dot products that overflow used to come back as -inf with id -1 although k <= n."""
+    corpus = torch.tensor([[1e30, 1e30], [-1e30, -1e30], [2e30, 0.0]])
+    scores, ids, rows = BruteForce(k=3).index(corpus, torch.tensor([5, 6, 7])).query_rows(torch.tensor([[1e30, 1e30]]))
+    assert rows.tolist() == [[0, 2, 1]]
+    assert ids.tolist() == [[5, 7, 6]]
+    assert scores[0].tolist() == [float("inf"), float("inf"), float("-inf")]
+
+
+def test_float64_scores_below_float32_range_never_bring_back_an_excluded_id() -> None:
+    """The old exclusion marker was float32's lowest value: float64 scores below it ranked under an excluded id."""
+    corpus = torch.tensor([[1e300], [2e300], [3e300]], dtype=torch.float64)
+    index = BruteForce(k=2).index(corpus, ["a", "b", "c"])
+    scores, ids = index.query_with_exclusions(torch.tensor([[-1.0]], dtype=torch.float64), [["a"]], k=2)
+    assert ids.tolist() == [["b", "c"]]
+    np.testing.assert_array_equal(scores.numpy(), [[-2e300, -3e300]])
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "streaming"])
+def test_zero_dimensional_embeddings_are_refused(kind: str) -> None:
+    index = BruteForce() if kind == "brute_force" else Streaming()
+    with pytest.raises(ValueError, match="candidates must have at least one embedding dimension"):
+        index.index(torch.zeros(300, 0))
+
+
+def test_reindexing_while_querying_is_atomic() -> None:
+    """Eight threads query while another re-indexes between two corpora of different sizes and ids: every answer
+    is one corpus's exact answer, whole (ids of one corpus never come with the scores of the other)."""
+    rng = np.random.default_rng(3)
+    corpora = [rng.normal(size=(n, 8)).astype(np.float32) for n in (3000, 1700)]
+    id_sets = [np.arange(n) + offset for n, offset in ((3000, 0), (1700, 10_000))]
+    queries = rng.normal(size=(4, 8)).astype(np.float32)
+    expected = []
+    for corpus, ids in zip(corpora, id_sets, strict=True):
+        scores, rows = BruteForce(k=5).index(torch.as_tensor(corpus))(torch.as_tensor(queries))
+        expected.append((ids[rows.numpy()], scores.numpy()))
+    index = BruteForce(k=5).index(torch.as_tensor(corpora[0]), id_sets[0])
+    stop = threading.Event()
+    wrong: list[str] = []
+    answers = [0]
+
+    def query() -> None:
+        while not stop.is_set():
+            try:
+                scores, ids = index(torch.as_tensor(queries))
+            except Exception as error:  # any exception is a wrong answer here
+                wrong.append(repr(error))
+                continue
+            if not any(
+                np.array_equal(ids.numpy(), want_ids) and np.array_equal(scores.numpy(), want_scores)
+                for want_ids, want_scores in expected
+            ):
+                wrong.append(f"mixed answer {ids.numpy()[0]}")
+            answers[0] += 1
+
+    threads = [threading.Thread(target=query) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    swaps, deadline = 0, time.monotonic() + 30
+    while (answers[0] < 400 or swaps < 50) and time.monotonic() < deadline:
+        swaps += 1
+        index.index(torch.as_tensor(corpora[swaps % 2]), id_sets[swaps % 2])
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert answers[0] >= 400
+    assert swaps >= 50
+    assert wrong == []

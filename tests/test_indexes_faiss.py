@@ -191,3 +191,63 @@ def test_missing_results_are_empty_slots(string_ids: bool) -> None:
         expected = (queries[row].double() @ corpus[positions].double().T).numpy()
         np.testing.assert_allclose(scores[row, :count].numpy(), expected, rtol=1e-5, atol=1e-5)
         assert (np.diff(scores[row, :count].numpy()) <= 0).all()
+
+
+def test_zero_dimensional_corpus_is_refused_not_a_crash() -> None:
+    """FAISS's k-means divides by the dimension: zero-dimensional embeddings killed the process with SIGFPE."""
+    with pytest.raises(ValueError, match="candidates must have at least one embedding dimension"):
+        Faiss("IVF4,Flat").index(torch.zeros(300, 0))
+
+
+def test_more_cells_than_training_rows_is_a_clear_error() -> None:
+    corpus, _ = _data(n=300)
+    with pytest.raises(ValueError, match="1024 IVF cells but only 300 candidates train it"):
+        Faiss("IVF1024,Flat").index(corpus)
+    with pytest.raises(ValueError, match="FAISS cannot build 'NotAnIndex'"):
+        Faiss("NotAnIndex").index(corpus)
+
+
+def test_exclusions_cost_k_plus_e_per_query() -> None:
+    """64 queries, 10,000 exclusions each, on 1,664 items: the old [nq, k + E, E] comparison took ~1 GiB."""
+    import tracemalloc
+
+    corpus, queries = _data(n=1664, nq=64, d=16)
+    index = Faiss("Flat", k=10).index(corpus)
+    exact = BruteForce(k=10).index(corpus)
+    rng = np.random.default_rng(0)
+    exclusions = [np.concatenate([rng.choice(1664, 600, replace=False), 5000 + np.arange(9400)]) for _ in range(64)]
+    tracemalloc.start()
+    try:
+        _, found = index.query_with_exclusions(queries, exclusions, k=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"peak {peak / 2**20:.0f} MiB"
+    _, expected = exact.query_with_exclusions(queries, exclusions, k=10)
+    assert np.mean(found.numpy() == expected.numpy()) > 0.999
+    assert not any(set(row) & set(excluded.tolist()) for row, excluded in zip(found.tolist(), exclusions, strict=True))
+
+
+def test_concurrent_searches_with_different_settings_do_not_interfere() -> None:
+    """Settings go to FAISS per call (SearchParameters): a thread probing every cell and one probing a single cell
+    each get their own answer while they run at the same time."""
+    import threading
+
+    corpus, queries = _data()
+    index = Faiss("IVF32,Flat", k=20, train_size=4000).index(corpus)
+    full = index.search(queries, nprobe=32)[1].numpy()
+    single = index.search(queries, nprobe=1)[1].numpy()
+    assert not np.array_equal(full, single)
+    wrong: list[int] = []
+
+    def run(nprobe: int, expected: np.ndarray) -> None:
+        for _ in range(40):
+            if not np.array_equal(index.search(queries, nprobe=nprobe)[1].numpy(), expected):
+                wrong.append(nprobe)
+
+    threads = [threading.Thread(target=run, args=(n, e)) for n, e in ((32, full), (1, single)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []

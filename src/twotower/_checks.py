@@ -34,6 +34,15 @@ def require_floating(value: Any, name: str, ndims: Sequence[int]) -> torch.Tenso
     return tensor
 
 
+def require_embeddings(value: Any, name: str, ndims: Sequence[int]) -> torch.Tensor:
+    """:func:`require_floating`, and at least one column: zero-dimensional embeddings score 0 against everything,
+    and some libraries (FAISS's k-means) divide by the dimension."""
+    tensor = require_floating(value, name, ndims)
+    if tensor.shape[-1] == 0:
+        raise ValueError(f"{name} must have at least one embedding dimension, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
 _FINITE_CHECK_ELEMENTS = 1 << 22
 
 
@@ -88,6 +97,31 @@ def as_float_vector(value: Any, name: str, length: int, device: torch.device, dt
     return tensor
 
 
+def has_trailing_nul(values: Any) -> bool:
+    """Whether a sequence or object array of ids holds a ``str``/``bytes`` ending in a NUL character.
+
+    numpy's fixed-width strings cannot hold trailing NULs: ``np.asarray(["42\\x00"])`` is ``["42"]``, so such an
+    id would silently compare equal to another. Only Python sequences and object arrays can carry one (a numpy
+    ``str`` array has already lost it), so only they are scanned.
+    """
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind != "O":
+            return False
+        values = values.reshape(-1).tolist()
+    elif not isinstance(values, (list, tuple)):
+        return False
+    return any(isinstance(value, (str, bytes)) and value[-1:] in ("\x00", b"\x00") for value in values)
+
+
+def refuse_trailing_nul(values: Any, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` if an id ends in a NUL character (see :func:`has_trailing_nul`)."""
+    if has_trailing_nul(values):
+        raise ValueError(
+            f"{name} holds a string ending in a NUL character ('\\x00'): numpy strings cannot keep it, so it would "
+            "be confused with the same id without it"
+        )
+
+
 def encode_ids(ids: Any, name: str, length: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Turn candidate identifiers into integer codes that compare equal exactly when the ids do.
 
@@ -109,7 +143,11 @@ def encode_ids(ids: Any, name: str, length: int | None = None) -> tuple[torch.Te
         if length is not None and ids.shape[0] != length:
             raise ValueError(f"{name} must have {length} entries, got {ids.shape[0]}")
         return ids.to(torch.int64), ids.detach().cpu().numpy()
-    values = np.asarray(ids)
+    refuse_trailing_nul(ids, name)
+    try:
+        values = np.asarray(ids)
+    except ValueError as error:  # ragged nested sequences
+        raise ValueError(f"{name} must be a 1-D sequence of ids: {error}") from error
     if values.ndim == 2 and values.shape[1] == 1:
         values = values[:, 0]
     if values.ndim != 1:
@@ -137,9 +175,22 @@ def per_query_ids(values: Any, num_queries: int, name: str) -> list[np.ndarray]:
     if isinstance(values, np.ndarray):
         if values.ndim != 2:
             raise ValueError(f"{name} must be [num_queries, R], got shape {values.shape}")
+        if values.size and values.dtype.kind not in "iuUSO":
+            raise TypeError(f"{name} must hold ids (integers or strings), got dtype {values.dtype}")
+        refuse_trailing_nul(values, name)
         rows = list(values)
     elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
-        rows = [np.asarray(row).reshape(-1) for row in values]
+        rows = []
+        for row in values:
+            if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray, torch.Tensor)):
+                raise TypeError(f"{name} must hold one sequence of ids per query, got {type(row).__name__}")
+            if isinstance(row, torch.Tensor):
+                row = row.detach().cpu().numpy()
+            refuse_trailing_nul(row, name)
+            array = np.asarray(row).reshape(-1)
+            if array.size and array.dtype.kind not in "iuUSO":
+                raise TypeError(f"{name} must hold ids (integers or strings), got dtype {array.dtype}")
+            rows.append(array)
     else:
         raise TypeError(f"{name} must be a [num_queries, R] tensor/array or a list of id sequences")
     if len(rows) != num_queries:

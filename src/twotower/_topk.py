@@ -23,9 +23,11 @@ import torch
 
 from twotower import _native
 
-# Score given to excluded candidates during the scan. Finite, so that excluded candidates still rank above
-# the sentinel (-inf) of empty slots, and below any real score; reported to users as -inf.
-EXCLUDED_SCORE = float(torch.finfo(torch.float32).min)
+# Excluded candidates are given -inf during the scan: a candidate enters a running top-k only by scoring strictly
+# above the k-th kept value, which starts at -inf, so an excluded one never does, whatever the dtype's range (a
+# finite marker such as float32's lowest value would outrank real float64 scores below it). Every real score is
+# finite, because the scan runs on power-of-two rescaled inputs (see magnitude_shifts), so -inf is free to mean
+# "excluded" and position -1 "no candidate".
 QUERY_BLOCK = 1024
 _CANDIDATE_CHUNK = 4096
 _GROUPS_PER_ROW = 256
@@ -151,6 +153,16 @@ def exclusion_pairs(exclusions: torch.Tensor | None, row_start: int, row_end: in
 # (2 D 2^-24 (1 + u)^2, below 0.002 for D <= SCREEN_MAX_DIMENSION) add up to less than 0.0138 < 2^-6.
 SCREEN_EPSILON = 2.0**-6
 SCREEN_MAX_DIMENSION = 16384
+# The relative bound above assumes no underflow. Matrix units flush float32 subnormals to zero (inputs converted
+# to bfloat16, and products), so each of the D products may lose up to 2^-126 (input flush of one factor, |other
+# factor| <= 1 after rescaling) plus 2^-126 (product flush): an absolute term of D * 2^-125 per score. The scan's
+# inputs are rescaled so that the largest magnitude of each query and of the corpus is at least 2^-40 (see
+# magnitude_shifts), which makes this term at most 2^-46 of the relative one: it is added, never dominant.
+SCREEN_UNDERFLOW_PER_DIMENSION = 2.0**-125
+#: Largest |exponent| of the largest magnitude (per query row, or over the corpus) that the scan takes as it is;
+#: outside it the inputs are multiplied by a power of two (exact) so that products can neither overflow nor fall
+#: into the subnormal range, where float32 keeps fewer bits and matrix units keep none.
+_SAFE_EXPONENT = {torch.float32: 40, torch.float64: 400}
 #: (query block, candidate chunk) per path: the native scan wants a block of scores that fits in L2.
 _BLOCKS = {"screen": (512, 2048), "native": (512, 1024), "torch": (QUERY_BLOCK, _CANDIDATE_CHUNK)}
 #: The widest candidate piece, reached by batches of few queries (see search_plain).
@@ -189,8 +201,8 @@ def search_plain(
     corpus that does not change, such as a built :class:`~twotower.indexes.BruteForce`), so that a query batch
     of one row does not pay for converting the whole corpus.
 
-    Same contract as :func:`search_chunks`, with the chunks (an iterable, iterated once) given directly, except
-    that in ``"screen"`` mode excluded candidates never appear (their slots stay empty).
+    Same contract as :func:`search_chunks` on inputs already rescaled, with the chunks (an iterable, iterated
+    once) given directly.
     """
     mode = mode or search_mode(queries)
     query_block, chunk_size = _BLOCKS[mode]
@@ -213,7 +225,6 @@ def search_plain(
     screen_queries = [block.to(screen_dtype) for block in block_queries]
     query_norms = [torch.linalg.vector_norm(block, dim=1) for block in block_queries] if mode == "screen" else []
     buffer = torch.empty(query_block * chunk_size, device=queries.device, dtype=screen_dtype)
-    excluded_value = float("-inf") if mode == "screen" else EXCLUDED_SCORE
     for offset, chunk in chunks:
         chunk = chunk.contiguous()
         key = (mode, offset, chunk.shape[0])
@@ -232,6 +243,7 @@ def search_plain(
             rows = slice(piece_offset - offset, piece_offset - offset + piece.shape[0])
             screen_piece = converted[rows]
             factor = SCREEN_EPSILON * float(norms[rows].max()) if norms is not None else 0.0
+            underflow = SCREEN_UNDERFLOW_PER_DIMENSION * queries.shape[1]
             for number, ((start, end), state, (ex_rows, ex_positions)) in enumerate(
                 zip(blocks, states, excluded, strict=True)
             ):
@@ -242,10 +254,11 @@ def search_plain(
                     low = int(torch.searchsorted(ex_positions, piece_offset))
                     high = int(torch.searchsorted(ex_positions, piece_offset + piece.shape[0]))
                     if high > low:
-                        scores[ex_rows[low:high], ex_positions[low:high] - piece_offset] = excluded_value
+                        scores[ex_rows[low:high], ex_positions[low:high] - piece_offset] = float("-inf")
                 if mode == "screen":
                     assert isinstance(state, _native.NativeTopK)
-                    state.screen(scores, piece_offset, block_queries[number], piece, query_norms[number] * factor)
+                    margins = query_norms[number] * factor + underflow
+                    state.screen(scores, piece_offset, block_queries[number], piece, margins)
                 else:
                     state.update(scores, piece_offset)
     for state in states:
@@ -256,7 +269,6 @@ def search_plain(
         if states
         else torch.zeros((0, k), dtype=torch.int64, device=queries.device)
     )
-    values = values.masked_fill(values <= EXCLUDED_SCORE, float("-inf"))
     return values.to(queries.device), positions.to(queries.device)
 
 
@@ -265,22 +277,72 @@ def _split(offset: int, chunk: torch.Tensor, size: int) -> Iterator[tuple[int, t
         yield offset + start, chunk[start : start + size]
 
 
-def pair_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Rowwise ``q_i . c_i`` ``[n]`` with the arithmetic that :func:`search_chunks` uses for these queries.
+def magnitude_shifts(values: torch.Tensor) -> torch.Tensor:
+    """Per-row powers of two that bring each row of ``values`` ``[n, d]`` into the range the scan is exact in.
+
+    Returns:
+        ``[n]`` int32 exponents ``e``: 0 where the row's largest magnitude ``m`` has ``|log2 m| <= 40`` (float32;
+        400 for float64) or is 0, else ``-exponent(m)``, so that ``ldexp(row, e)`` has its largest magnitude in
+        ``[0.5, 1)``. Multiplying by a power of two is exact (no rounding) for finite values in range, so the
+        shifted scan ranks exactly as an infinitely wide exponent would.
+    """
+    limit = _SAFE_EXPONENT.get(values.dtype, _SAFE_EXPONENT[torch.float32])
+    if values.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.int32, device=values.device)
+    largest = values.detach().abs().amax(dim=1)
+    _, exponent = torch.frexp(largest)
+    exponent = torch.where(largest > 0, exponent, torch.zeros_like(exponent))
+    return torch.where(exponent.abs() > limit, -exponent, torch.zeros_like(exponent))
+
+
+def corpus_shift(candidates: torch.Tensor) -> int:
+    """One power-of-two exponent for a whole corpus ``[n, d]`` (ranking needs one scale across candidates)."""
+    if candidates.numel() == 0:
+        return 0
+    largest = candidates.detach().abs().amax().reshape(1, 1)
+    return int(magnitude_shifts(largest.to(candidates.dtype))[0])
+
+
+def shift_rows(values: torch.Tensor, shifts: torch.Tensor | int) -> torch.Tensor:
+    """``values * 2**shifts`` (exact), per row for a tensor of shifts; ``values`` itself when every shift is 0."""
+    if isinstance(shifts, int):
+        return values if shifts == 0 else torch.ldexp(values, torch.tensor(shifts, dtype=torch.int32)).to(values.dtype)
+    if not bool(shifts.any()):
+        return values
+    return torch.ldexp(values, shifts.to(values.device)[:, None]).to(values.dtype)
+
+
+def unshift_scores(scores: torch.Tensor, query_shifts: torch.Tensor, candidate_shift: int) -> torch.Tensor:
+    """Scores of shifted inputs ``[nq, k]`` back to the scale of the caller's inputs, rounded once to their dtype
+    (a true score beyond the dtype's range becomes +-inf or 0, as the unshifted arithmetic would give it)."""
+    total = query_shifts.to(scores.device, torch.int64) + candidate_shift
+    if not bool(total.any()):
+        return scores
+    wide = torch.ldexp(scores.to(torch.float64), -total.to(torch.float64)[:, None])
+    return wide.to(scores.dtype)
+
+
+def pair_scores(queries: torch.Tensor, candidates: torch.Tensor, candidate_shift: int = 0) -> torch.Tensor:
+    """Rowwise ``q_i . c_i`` ``[n]`` with the arithmetic that :func:`search_chunks` uses for these queries
+    (``candidate_shift``: the corpus's power-of-two shift, applied to ``candidates`` as the scan applies it).
 
     An elementwise product-sum rounds differently from the blocked matrix multiply that scores the corpus, so a
     true candidate present in the corpus would outrank its own copy about 4 times in 5 at D = 64. Using the
     search's own arithmetic (the diagonal of the same blocked ``mm``, or the native kernel's dot product when it
     rescores) makes the copy tie exactly.
     """
+    shifts = magnitude_shifts(queries)
+    queries, candidates = shift_rows(queries, shifts), shift_rows(candidates, candidate_shift)
     kernel = _native.load()
     if search_mode(queries) == "screen" and kernel is not None:
-        return _native.pair_scores(kernel, queries, candidates)
-    parts = []
-    for start in range(0, queries.shape[0], QUERY_BLOCK):
-        block = slice(start, start + QUERY_BLOCK)
-        parts.append(torch.mm(queries[block], candidates[block].T).diagonal())
-    return torch.cat(parts) if parts else queries.new_zeros(0)
+        scores = _native.pair_scores(kernel, queries, candidates)
+    else:
+        parts = []
+        for start in range(0, queries.shape[0], QUERY_BLOCK):
+            block = slice(start, start + QUERY_BLOCK)
+            parts.append(torch.mm(queries[block], candidates[block].T).diagonal())
+        scores = torch.cat(parts) if parts else queries.new_zeros(0)
+    return unshift_scores(scores[:, None], shifts, candidate_shift)[:, 0]
 
 
 def search_chunks(
@@ -289,29 +351,25 @@ def search_chunks(
     k: int,
     exclusions: torch.Tensor | None = None,
     piece_cache: PieceCache | None = None,
+    candidate_shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries @ candidates.T`` where the candidates arrive as chunks.
 
     Args:
-        queries: ``[nq, d]``.
+        queries: ``[nq, d]`` finite.
         chunks: returns a fresh iterable of ``(offset, candidates [n_i, d])`` pairs in increasing, contiguous
-            offset order; it is iterated once, or twice when exclusions leave a query fewer than ``k`` candidates.
+            offset order, already multiplied by ``2**candidate_shift``; it is iterated once.
         k: how many results per query.
         exclusions: optional ``[nq, E]`` int64 candidate positions to leave out (``-1`` pads).
         piece_cache: see :func:`search_plain`.
+        candidate_shift: the corpus's power-of-two shift (:func:`corpus_shift`).
 
     Returns:
         ``(scores [nq, k], positions [nq, k])`` sorted by descending score, ties by ascending position. Excluded
-        candidates only appear (with score ``-inf``) when fewer than ``k`` others exist; empty slots (fewer than
-        ``k`` candidates in all) have position ``-1`` and score ``-inf``.
+        candidates never appear: a slot with no candidate left (fewer than ``k`` candidates not excluded) has
+        position ``-1`` and score ``-inf``. A real candidate always has a position ``>= 0``, even where its score
+        lies beyond the dtype's range and is reported as ``+-inf``: ranking runs on rescaled inputs.
     """
-    mode = search_mode(queries)
-    values, positions = search_plain(queries, chunks(), k, exclusions, mode, piece_cache)
-    if mode == "screen" and exclusions is not None:
-        short = torch.nonzero((positions < 0).any(dim=1)).squeeze(1)
-        if short.numel():
-            # Exclusions left these queries fewer than k candidates: the float32 path fills the tail with
-            # excluded ones, at -inf, as documented.
-            fill_values, fill_positions = search_plain(queries[short], chunks(), k, exclusions[short], "native")
-            values[short], positions[short] = fill_values, fill_positions
-    return values, positions
+    shifts = magnitude_shifts(queries)
+    values, positions = search_plain(shift_rows(queries, shifts), chunks(), k, exclusions, None, piece_cache)
+    return unshift_scores(values, shifts, candidate_shift), positions

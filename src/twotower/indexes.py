@@ -19,11 +19,11 @@ Ties are broken by row position, lower first.
 from __future__ import annotations
 
 import abc
-import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from twotower import _topk
-from twotower._checks import encode_ids, per_query_ids, require_finite, require_floating
+from twotower._checks import encode_ids, per_query_ids, require_embeddings, require_finite, require_floating
 from twotower._files import atomic_write
 
 #: Ids returned by an index: an ``int64`` tensor ``[nq, k]`` or, for string ids, a numpy array ``[nq, k]``.
@@ -127,7 +127,19 @@ class TopK(nn.Module, abc.ABC):
     def _search(
         self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(scores [nq, k], row positions [nq, k])``."""
+        """Return ``(scores [nq, k], row positions [nq, k])``, position ``-1`` for an empty slot."""
+
+    def _search_snapshot(
+        self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_search` against one snapshot of the built index (see :meth:`_snapshot`); by default the
+        index's current state, for indexes whose state is one immutable object replaced whole by ``index()``."""
+        return self._search(queries, k, exclusions)
+
+    def _snapshot(self) -> Any:
+        """The built state a query reads, taken once per query so that a concurrent ``index()`` cannot mix the
+        ids of one corpus with the scores of another; ``None`` for indexes that keep no separate state."""
+        return None
 
     @property
     @abc.abstractmethod
@@ -195,23 +207,46 @@ class TopK(nn.Module, abc.ABC):
         """
         return self._query(queries, k, exclusions)
 
-    def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Ids]:
-        table = self.ids
+    def query_rows(
+        self, queries: Any, k: int | None = None, exclusions: Any = None
+    ) -> tuple[torch.Tensor, Ids, torch.Tensor]:
+        """Like :meth:`query_with_exclusions` (``exclusions`` may be ``None``), also returning the row positions.
+
+        Returns:
+            ``(scores [nq, k], ids [nq, k], rows [nq, k])``: ``rows`` is ``-1`` exactly where a slot holds no
+            candidate (fewer than ``k`` left after the exclusions, or an approximate index that found fewer), so
+            callers can drop empty slots without guessing from the score (a real score may be ``-inf`` when it
+            lies beyond the dtype's range) or the id (``-1`` may be a real integer id).
+        """
+        snapshot = self._snapshot()
+        table = self._ids_of(snapshot)
         embeddings = self._embed_queries(queries)
-        k = min(_check_k(self.k if k is None else k), self.num_candidates)
+        k = min(_check_k(self.k if k is None else k), self._count_of(snapshot))
         positions = None
         if exclusions is not None:
             positions = self._exclusion_positions(exclusions, embeddings.shape[0], table)
         with torch.no_grad():
-            scores, rows = self._search(embeddings, k, positions)
-        return scores, table.take(rows)
+            scores, rows = self._search_snapshot(snapshot, embeddings, k, positions)
+        return scores, table.take(rows), rows
+
+    def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Ids]:
+        scores, ids, _ = self.query_rows(queries, k, exclusions)
+        return scores, ids
+
+    def _ids_of(self, snapshot: Any) -> IdTable:
+        return self.ids if snapshot is None else snapshot.ids
+
+    def _count_of(self, snapshot: Any) -> int:
+        return self.num_candidates if snapshot is None else int(snapshot.count)
 
     def _top_scores(self, queries: Any, k: int) -> torch.Tensor:
         """``[nq, min(k, n)]`` best scores, without their ids: score-based metrics need none, and looking up
         string ids (``[nq, k]`` strings) costs more than the exact search of a small corpus."""
+        snapshot = self._snapshot()
+        self._ids_of(snapshot)  # raises while the index is not built
         embeddings = self._embed_queries(queries)
         with torch.no_grad():
-            scores, _ = self._search(embeddings, min(_check_k(k), self.num_candidates), None)
+            scores, _ = self._search_snapshot(snapshot, embeddings, min(_check_k(k), self._count_of(snapshot)), None)
         return scores
 
     def _embed_queries(self, queries: Any) -> torch.Tensor:
@@ -253,7 +288,7 @@ class TopK(nn.Module, abc.ABC):
 
 def _check_corpus(candidates: Any, identifiers: Any) -> tuple[torch.Tensor, np.ndarray]:
     """A non-empty, finite ``[n, d]`` corpus and its ``n`` ids (row positions when ``identifiers`` is None)."""
-    candidates = require_floating(candidates, "candidates", (2,))
+    candidates = require_embeddings(candidates, "candidates", (2,))
     if candidates.shape[0] == 0:
         raise ValueError("candidates must hold at least one row: the corpus must not be empty")
     require_finite(candidates, "candidates")
@@ -278,11 +313,11 @@ def _iterate_batches(dataset: Iterable[Any]) -> Iterator[tuple[np.ndarray | None
     for batch in dataset:
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             ids, embeddings = batch
-            embeddings = require_floating(embeddings, "dataset embeddings", (2,))
+            embeddings = require_embeddings(embeddings, "dataset embeddings", (2,))
             _, values = encode_ids(ids, "dataset ids", embeddings.shape[0])
             yield values, embeddings
         else:
-            yield None, require_floating(batch, "dataset batch", (2,))
+            yield None, require_embeddings(batch, "dataset batch", (2,))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -290,8 +325,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@dataclass(frozen=True)
+class _ExactCorpus:
+    """The built state of a :class:`BruteForce` index, replaced whole by ``index()`` (never modified)."""
+
+    ids: IdTable
+    #: ``[n, d]`` the corpus as indexed (float32 or float64).
+    candidates: torch.Tensor
+    #: the power-of-two exponent the scan multiplies the corpus by (0 for ordinary magnitudes).
+    shift: int
+    #: ``candidates * 2**shift``: what the scan reads (the same tensor when ``shift`` is 0).
+    scan: torch.Tensor
+    #: converted pieces of ``scan`` (the bfloat16 screen copy: half the corpus's memory), kept between calls.
+    piece_cache: _topk.PieceCache
+
+    @property
+    def count(self) -> int:
+        return int(self.candidates.shape[0])
+
+
 class BruteForce(TopK):
     """Exact search over candidates held in memory, with the chunked top-K kernel.
+
+    Safe to query from several threads while another calls :meth:`index`: each query reads one snapshot of the
+    built index, so it answers from the old corpus or the new one, never from a mixture.
 
     Args:
         k: default number of results.
@@ -300,45 +357,79 @@ class BruteForce(TopK):
 
     def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
         super().__init__(k, query_model)
-        self.candidates: torch.Tensor | None = None
-        # Converted pieces of the corpus (the bfloat16 screen copy: half the corpus's memory), kept between calls.
-        self._piece_cache: _topk.PieceCache = {}
+        self._corpus: _ExactCorpus | None = None
 
     def is_exact(self) -> bool:
         return True
 
     @property
+    def candidates(self) -> torch.Tensor | None:
+        """``[n, d]`` the indexed corpus, or ``None`` before :meth:`index`."""
+        corpus = self._corpus
+        return None if corpus is None else corpus.candidates
+
+    @property
+    def ids(self) -> IdTable:
+        return self._built().ids
+
+    @property
     def num_candidates(self) -> int:
-        return 0 if self.candidates is None else int(self.candidates.shape[0])
+        corpus = self._corpus
+        return 0 if corpus is None else corpus.count
 
     @property
     def dimension(self) -> int:
-        if self.candidates is None:
+        return int(self._built().candidates.shape[1])
+
+    def _built(self) -> _ExactCorpus:
+        corpus = self._corpus
+        if corpus is None:
             raise RuntimeError("BruteForce has not been built: call index(...) or index_from_dataset(...)")
-        return int(self.candidates.shape[1])
+        return corpus
+
+    def _snapshot(self) -> _ExactCorpus:
+        return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> BruteForce:
         candidates, values = _check_corpus(candidates, identifiers)
-        self.candidates = candidates.detach().to(_compute_dtype(candidates.dtype)).contiguous()
-        self._piece_cache = {}
-        self._ids = IdTable(values)
+        candidates = candidates.detach().to(_compute_dtype(candidates.dtype)).contiguous()
+        shift = _topk.corpus_shift(candidates)
+        scan = _topk.shift_rows(candidates, shift).contiguous()
+        # One assignment: a query running meanwhile keeps the snapshot it took.
+        self._corpus = _ExactCorpus(IdTable(values), candidates, shift, scan, {})
         return self
+
+    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(queries.dtype)
+        corpus = self._corpus
+        shift = 0 if corpus is None else corpus.shift
+        return _topk.pair_scores(
+            queries.detach().to(dtype), candidates.detach().to(device=queries.device, dtype=dtype), shift
+        )
 
     def _search(
         self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.candidates is not None
-        queries = queries.to(device=self.candidates.device, dtype=self.candidates.dtype)
+        return self._search_snapshot(self._built(), queries, k, exclusions)
+
+    def _search_snapshot(
+        self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        corpus: _ExactCorpus = snapshot
+        queries = queries.to(device=corpus.scan.device, dtype=corpus.scan.dtype)
         if exclusions is not None:
-            exclusions = exclusions.to(self.candidates.device)
-        candidates = self.candidates
-        return _topk.search_chunks(queries, lambda: [(0, candidates)], k, exclusions, self._piece_cache)
+            exclusions = exclusions.to(corpus.scan.device)
+        scan = corpus.scan
+        return _topk.search_chunks(
+            queries, lambda: [(0, scan)], k, exclusions, corpus.piece_cache, candidate_shift=corpus.shift
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to ``path`` (safetensors) atomically, with a checksum of its contents."""
-        if self.candidates is None:
+        corpus = self._corpus
+        if corpus is None:
             raise RuntimeError("BruteForce has not been built: nothing to save")
-        tensors = {"candidates": self.candidates.detach().cpu().contiguous(), **_ids_to_tensors(self.ids)}
+        tensors = {"candidates": corpus.candidates.detach().cpu().contiguous(), **_ids_to_tensors(corpus.ids)}
         _save_index_file(Path(path), "twotower.BruteForce", tensors, {"k": str(self.k)})
 
     @classmethod
@@ -349,9 +440,27 @@ class BruteForce(TopK):
     ) -> BruteForce:
         """Read an index written by :meth:`save`, verifying its format and checksum."""
         tensors, metadata = _load_index_file(Path(path), "twotower.BruteForce")
-        index = cls(k=int(metadata["k"]), query_model=query_model)
-        index.index(tensors["candidates"], _ids_from_tensors(tensors))
-        return index
+        settings = _metadata_ints(path, metadata, ("k",))
+        candidates = tensors.get("candidates")
+        if candidates is None or candidates.dtype not in (torch.float32, torch.float64) or candidates.ndim != 2:
+            raise ValueError(f"{path} is not a valid twotower index file: no float32/float64 [n, d] candidates")
+        try:
+            index = cls(k=settings["k"], query_model=query_model)
+            return index.index(candidates, _ids_from_tensors(tensors, path))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path} is not a valid twotower index file: {error}") from error
+
+
+@dataclass(frozen=True)
+class _StreamingCorpus:
+    """The built state of a :class:`Streaming` index, replaced whole by ``index_from_dataset()``."""
+
+    ids: IdTable
+    dataset: Iterable[Any]
+    count: int
+    dimension: int
+    #: the power-of-two exponent each chunk is multiplied by during the scan (0 for ordinary magnitudes).
+    shift: int
 
 
 class Streaming(TopK):
@@ -367,23 +476,42 @@ class Streaming(TopK):
 
     def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
         super().__init__(k, query_model)
-        self.dataset: Iterable[Any] | None = None
-        self._num_candidates = 0
-        self._dimension = 0
+        self._corpus: _StreamingCorpus | None = None
 
     def is_exact(self) -> bool:
         return True
 
     @property
+    def dataset(self) -> Iterable[Any] | None:
+        """The iterable of candidate batches, or ``None`` before it is indexed."""
+        corpus = self._corpus
+        return None if corpus is None else corpus.dataset
+
+    @property
+    def ids(self) -> IdTable:
+        return self._built().ids
+
+    @property
     def num_candidates(self) -> int:
-        return self._num_candidates
+        corpus = self._corpus
+        return 0 if corpus is None else corpus.count
 
     @property
     def dimension(self) -> int:
-        return self._dimension
+        corpus = self._corpus
+        return 0 if corpus is None else corpus.dimension
+
+    def _built(self) -> _StreamingCorpus:
+        corpus = self._corpus
+        if corpus is None:
+            raise RuntimeError("Streaming has not been built: call index(...) or index_from_dataset(...)")
+        return corpus
+
+    def _snapshot(self) -> _StreamingCorpus:
+        return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Streaming:
-        candidates = require_floating(candidates, "candidates", (2,))
+        candidates = require_embeddings(candidates, "candidates", (2,))
         if identifiers is None:
             return self.index_from_dataset([candidates])
         return self.index_from_dataset([(identifiers, candidates)])
@@ -396,6 +524,7 @@ class Streaming(TopK):
         ids_parts: list[np.ndarray] = []
         count = 0
         dimension = 0
+        largest = 0.0
         with_ids = None
         for ids, embeddings in _iterate_batches(dataset):
             if with_ids is None:
@@ -405,46 +534,69 @@ class Streaming(TopK):
             if dimension and embeddings.shape[1] != dimension:
                 raise ValueError(f"dataset batches must share one dimension, got {dimension} and {embeddings.shape[1]}")
             dimension = int(embeddings.shape[1])
+            require_finite(embeddings, "candidates from the dataset")
+            if embeddings.numel():
+                largest = max(largest, float(embeddings.detach().abs().amax()))
             if ids is not None:
                 ids_parts.append(ids)
             count += int(embeddings.shape[0])
         if count == 0:
             raise ValueError("dataset yielded no candidates: the corpus must not be empty")
         values = np.concatenate(ids_parts) if ids_parts else np.arange(count, dtype=np.int64)
-        self.dataset = dataset
-        self._num_candidates = count
-        self._dimension = dimension
-        self._ids = IdTable(values)
+        shift = _topk.corpus_shift(torch.tensor([[largest]], dtype=torch.float64).to(torch.float32))
+        self._corpus = _StreamingCorpus(IdTable(values), dataset, count, dimension, shift)
         return self
+
+    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(queries.dtype)
+        corpus = self._corpus
+        shift = 0 if corpus is None else corpus.shift
+        return _topk.pair_scores(
+            queries.detach().to(dtype), candidates.detach().to(device=queries.device, dtype=dtype), shift
+        )
 
     def _search(
         self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.dataset is not None
-        queries = queries.to(_compute_dtype(queries.dtype))
-        return _topk.search_chunks(queries, lambda: self._chunks(queries), k, exclusions)
+        return self._search_snapshot(self._built(), queries, k, exclusions)
 
-    def _chunks(self, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        assert self.dataset is not None
+    def _search_snapshot(
+        self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        corpus: _StreamingCorpus = snapshot
+        queries = queries.to(_compute_dtype(queries.dtype))
+        return _topk.search_chunks(
+            queries, lambda: self._chunks(corpus, queries), k, exclusions, candidate_shift=corpus.shift
+        )
+
+    @staticmethod
+    def _chunks(corpus: _StreamingCorpus, queries: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         offset = 0
-        for _, embeddings in _iterate_batches(self.dataset):
-            if embeddings.shape[1] != self._dimension:
+        for _, embeddings in _iterate_batches(corpus.dataset):
+            if embeddings.shape[1] != corpus.dimension:
                 raise ValueError("the dataset changed between index_from_dataset and this query (dimension)")
             require_finite(embeddings, "candidates from the dataset")
-            yield offset, embeddings.detach().to(device=queries.device, dtype=queries.dtype)
+            chunk = embeddings.detach().to(device=queries.device, dtype=queries.dtype)
+            yield offset, _topk.shift_rows(chunk, corpus.shift)
             offset += int(embeddings.shape[0])
-        if offset != self._num_candidates:
+        if offset != corpus.count:
             raise ValueError(
                 f"the dataset changed between index_from_dataset and this query: it yielded {offset} candidates, "
-                f"{self._num_candidates} expected"
+                f"{corpus.count} expected"
             )
 
 
+#: Version 2 files checksum their metadata too (version 1 checked only the tensors, so a changed ``k`` or
+#: ``nprobe`` in the header went unnoticed); version 1 files are refused with the advice to save them again.
+_INDEX_FILE_VERSION = "2"
+
+
 def _save_index_file(path: Path, kind: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write tensors and metadata as one safetensors file, atomically, with the SHA-256 of the tensors."""
+    """Write tensors and metadata as one safetensors file, atomically, with the SHA-256 of both."""
     from safetensors.torch import save
 
-    header = {"format": kind, "version": "1", **metadata, "sha256": _digest(tensors)}
+    header = {"format": kind, "version": _INDEX_FILE_VERSION, **metadata}
+    header["sha256"] = _digest(tensors, header)
     atomic_write(path, save(tensors, metadata=header))
 
 
@@ -459,35 +611,71 @@ def _load_index_file(path: Path, kind: str) -> tuple[dict[str, torch.Tensor], di
     try:
         tensors = load(data)
         metadata = _read_metadata(data)
-    except (SafetensorError, ValueError, json.JSONDecodeError) as error:
+    except (SafetensorError, ValueError, UnicodeDecodeError, OverflowError) as error:
         raise ValueError(f"{path} is not a valid twotower index file: {error}") from error
     if metadata.get("format") != kind:
         name = kind.split(".")[-1]
         raise ValueError(f"{path} is not a twotower {name} index (format {metadata.get('format')!r})")
-    if _digest(tensors) != metadata.get("sha256"):
+    if metadata.get("version") != _INDEX_FILE_VERSION:
+        raise ValueError(
+            f"{path} is a version {metadata.get('version')!r} index file; this twotower reads version "
+            f"{_INDEX_FILE_VERSION} (whose checksum covers its settings too): build and save the index again"
+        )
+    if _digest(tensors, metadata) != metadata.get("sha256"):
         raise ValueError(f"{path} is corrupt: its contents do not match the checksum written with it")
     return tensors, metadata
+
+
+def _metadata_ints(path: str | os.PathLike[str], metadata: dict[str, str], names: Sequence[str]) -> dict[str, int]:
+    """The named metadata entries as non-negative ints, refusing a missing or malformed one by name."""
+    values = {}
+    for name in names:
+        text = metadata.get(name)
+        if text is None or not text.isdigit() or len(text) > 18:
+            raise ValueError(f"{path} is not a valid twotower index file: {name} is {text!r}, not a whole number")
+        values[name] = int(text)
+    return values
 
 
 def _ids_to_tensors(table: IdTable) -> dict[str, torch.Tensor]:
     if not table.is_string:
         return {"ids": torch.as_tensor(table.values.astype(np.int64))}
-    encoded = [value.encode("utf-8") for value in table.values.tolist()]
+    encoded = [value.encode("utf-8", "surrogatepass") for value in table.values.tolist()]
     lengths = np.array([len(value) for value in encoded], dtype=np.int64)
     blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
     return {"string_ids_utf8": torch.as_tensor(blob), "string_ids_lengths": torch.as_tensor(lengths)}
 
 
-def _ids_from_tensors(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+def _ids_from_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> np.ndarray:
+    """The ids stored by :func:`_ids_to_tensors`, refusing tensors of the wrong kind or inconsistent lengths."""
+    problem = f"{path} is not a valid twotower index file"
     if "ids" in tensors:
-        return tensors["ids"].numpy()
-    blob = tensors["string_ids_utf8"].numpy().tobytes()
-    ends = np.cumsum(tensors["string_ids_lengths"].numpy())
-    starts = ends - tensors["string_ids_lengths"].numpy()
-    return np.array([blob[s:e].decode("utf-8") for s, e in zip(starts.tolist(), ends.tolist(), strict=True)])
+        ids = tensors["ids"]
+        if ids.dtype != torch.int64 or ids.ndim != 1:
+            raise ValueError(f"{problem}: ids must be a 1-D int64 tensor, got {ids.dtype} {tuple(ids.shape)}")
+        return ids.numpy()
+    blob, lengths = tensors.get("string_ids_utf8"), tensors.get("string_ids_lengths")
+    if blob is None or lengths is None:
+        raise ValueError(f"{problem}: it holds no ids")
+    if blob.dtype != torch.uint8 or lengths.dtype != torch.int64 or blob.ndim != 1 or lengths.ndim != 1:
+        raise ValueError(f"{problem}: string ids must be a uint8 blob and int64 lengths")
+    sizes = lengths.numpy()
+    if bool((sizes < 0).any()) or int(sizes.sum()) != blob.shape[0]:
+        raise ValueError(f"{problem}: the string id lengths do not add up to the blob")
+    data = blob.numpy().tobytes()
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    try:
+        values = [
+            data[s:e].decode("utf-8", "surrogatepass") for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{problem}: a string id is not UTF-8 ({error})") from error
+    return np.array(values, dtype=str)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the digest itself."""
     hasher = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
@@ -495,16 +683,35 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         hasher.update(str(tensor.dtype).encode())
         hasher.update(str(tuple(tensor.shape)).encode())
         hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    settings = {key: value for key, value in metadata.items() if key != "sha256"}
+    hasher.update(json.dumps(settings, sort_keys=True).encode())
     return hasher.hexdigest()
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
     header_length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_length])
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict):
-        raise ValueError("metadata is not a mapping")
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise ValueError("metadata is not a mapping of strings")
     return metadata
+
+
+@dataclass(frozen=True)
+class _FaissCorpus:
+    """The built state of a :class:`Faiss` index, replaced whole by ``index()``.
+
+    FAISS's ``search`` only reads the index when the search settings come as per-call ``SearchParameters``, so
+    one state serves any number of threads at once, with different settings.
+    """
+
+    ids: IdTable
+    index: Any
+    count: int
+    dimension: int
+    #: ``SearchParameters`` by ``(nprobe, ef_search, k_factor)``, each with the nested parameter objects that FAISS
+    #: holds by raw pointer (kept alive here).
+    parameters: dict[tuple[int | None, int | None, int | None], tuple[Any, list[tuple[str, Any]]]]
 
 
 class Faiss(TopK):
@@ -523,9 +730,10 @@ class Faiss(TopK):
             their exact inner products (per-call override in :meth:`search`).
         seed: seed of the training sample.
 
-    Exclusions are applied by retrieving ``k`` plus the number of excluded ids of each query and removing them,
-    as TFRS does for approximate indexes: with an approximate index an excluded item cannot be skipped inside
-    the search.
+    Settings reach FAISS as per-call ``SearchParameters``, never by changing the FAISS index, so concurrent
+    searches with different settings do not interfere. Exclusions are applied by retrieving ``k`` plus the number
+    of excluded rows of each query and removing them, as TFRS does for approximate indexes: with an approximate
+    index an excluded item cannot be skipped inside the search. The removal costs ``O(k + E)`` per query.
     """
 
     def __init__(
@@ -544,80 +752,77 @@ class Faiss(TopK):
             raise ValueError(f"factory must be a FAISS index factory string, got {factory!r}")
         if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
             raise ValueError(f"train_size must be a positive int, got {train_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.factory, self.train_size, self.seed = factory, train_size, seed
         self.nprobe, self.ef_search = (
             _check_optional_positive(nprobe, "nprobe"),
             _check_optional_positive(ef_search, "ef_search"),
         )
         self.k_factor = _check_optional_positive(k_factor, "k_factor")
-        self._index: Any = None
-        self._count = 0
-        self._dimension = 0
-        # FAISS's own values of the search parameters, restored when neither the call nor the index sets one.
-        self._faiss_defaults: dict[str, int] = {}
-        self._call_parameters: tuple[int | None, int | None, int | None] | None = None
-        # The values last set on the FAISS index (None: not known), so that a search sets only what changed.
-        self._applied: tuple[int | None, int | None, int | None] | None = None
+        self._corpus: _FaissCorpus | None = None
 
     def is_exact(self) -> bool:
         return False
 
     @property
+    def ids(self) -> IdTable:
+        return self._built().ids
+
+    @property
     def num_candidates(self) -> int:
-        return self._count
+        corpus = self._corpus
+        return 0 if corpus is None else corpus.count
 
     @property
     def dimension(self) -> int:
-        if self._index is None:
+        return self._built().dimension
+
+    @property
+    def faiss_index(self) -> Any:
+        """The underlying FAISS index (read it; changing it while queries run is not safe)."""
+        return self._built().index
+
+    def _built(self) -> _FaissCorpus:
+        corpus = self._corpus
+        if corpus is None:
             raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
-        return self._dimension
+        return corpus
+
+    def _snapshot(self) -> _FaissCorpus:
+        return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Faiss:
         import faiss
 
         candidates, values = _check_corpus(candidates, identifiers)
         matrix = np.ascontiguousarray(candidates.detach().cpu().to(torch.float32).numpy())
+        if not np.isfinite(matrix).all():
+            raise ValueError("candidates overflow float32, the precision FAISS indexes in")
         try:
             index = faiss.index_factory(matrix.shape[1], self.factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:
-            raise ValueError(f"FAISS cannot build {self.factory!r}: {error}") from error
+            raise ValueError(f"FAISS cannot build {self.factory!r}: {_faiss_message(error)}") from error
         if not index.is_trained:
             rng = np.random.default_rng(self.seed)
             sample = matrix[rng.permutation(matrix.shape[0])[: self.train_size]]
-            index.train(sample)
+            cells = _ivf_cells(index)
+            if cells is not None and sample.shape[0] < cells:
+                raise ValueError(
+                    f"factory {self.factory!r} has {cells} IVF cells but only {sample.shape[0]} candidates train it "
+                    f"(corpus of {matrix.shape[0]}, train_size {self.train_size}): use at most {sample.shape[0]} "
+                    "cells, or a flat index for a corpus this small"
+                )
+            try:
+                index.train(sample)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"FAISS cannot train {self.factory!r} on {sample.shape[0]} candidates: {_faiss_message(error)}"
+                ) from error
         index.add(matrix)
-        self._index, self._count, self._dimension = index, int(matrix.shape[0]), int(matrix.shape[1])
-        self._faiss_defaults = _faiss_search_defaults(index)
-        self._applied = None
-        self._ids = IdTable(values)
+        # One assignment: a query running meanwhile keeps the snapshot it took.
+        self._corpus = _faiss_corpus(index, IdTable(values))
         return self
-
-    def _set_parameters(self, nprobe: int | None, ef_search: int | None, k_factor: int | None) -> None:
-        import faiss
-
-        wanted = (
-            nprobe if nprobe is not None else self._faiss_defaults.get("nprobe"),
-            ef_search if ef_search is not None else self._faiss_defaults.get("efSearch"),
-            k_factor if k_factor is not None else self._faiss_defaults.get("k_factor"),
-        )
-        if wanted == self._applied:
-            return  # setting them costs about 8% of a one-query search
-        self._applied = None  # unknown until every value below is set
-        space = faiss.ParameterSpace()
-        for name, value in (("nprobe", wanted[0]), ("efSearch", wanted[1])):
-            if value is not None:
-                try:
-                    space.set_index_parameter(self._index, name, value)
-                except RuntimeError as error:
-                    raise ValueError(f"{name} does not apply to a {self.factory!r} index: {error}") from error
-        refined = faiss.downcast_index(self._index)
-        if isinstance(refined, faiss.IndexRefine):
-            refined.k_factor = float(wanted[2] if wanted[2] is not None else refined.k_factor)
-        elif k_factor is not None:
-            raise ValueError(
-                f"k_factor applies to refined indexes (a factory ending in ',RFlat'), not to {self.factory!r}"
-            )
-        self._applied = wanted
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the FAISS index, ids and settings to ``path`` (safetensors) atomically, with a checksum."""
@@ -640,57 +845,91 @@ class Faiss(TopK):
     ) -> tuple[torch.Tensor, Ids]:
         """Like calling the index, with ``nprobe`` / ``ef_search`` / ``k_factor`` for this call only (later
         calls use the index's own settings again)."""
-        self._call_parameters = (
+        settings = (
             _check_optional_positive(nprobe, "nprobe") or self.nprobe,
             _check_optional_positive(ef_search, "ef_search") or self.ef_search,
             _check_optional_positive(k_factor, "k_factor") or self.k_factor,
         )
-        try:
-            return self._query(queries, k, None)
-        finally:
-            self._call_parameters = None
+        scores, ids, _ = self._query_numpy(queries, k, None, settings)
+        return scores, ids
 
-    def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Ids]:
+    def query_rows(
+        self, queries: Any, k: int | None = None, exclusions: Any = None
+    ) -> tuple[torch.Tensor, Ids, torch.Tensor]:
+        return self._query_numpy(queries, k, exclusions, self._settings())
+
+    def _settings(self) -> tuple[int | None, int | None, int | None]:
+        return (
+            _check_optional_positive(self.nprobe, "nprobe"),
+            _check_optional_positive(self.ef_search, "ef_search"),
+            _check_optional_positive(self.k_factor, "k_factor"),
+        )
+
+    def _query_numpy(
+        self,
+        queries: Any,
+        k: int | None,
+        exclusions: Any,
+        settings: tuple[int | None, int | None, int | None],
+    ) -> tuple[torch.Tensor, Ids, torch.Tensor]:
         # A server sends one query per call. Right after a FAISS search each torch operation costs tens of
         # microseconds (measured: a trivial one adds 30 us to a 330 us search), so the whole path, from the query's
         # conversion to the ids, stays in numpy.
-        table = self.ids  # raises while the index is not built
+        corpus = self._built()
         embeddings = self._query_embeddings(queries)
         matrix = np.ascontiguousarray(embeddings.to("cpu", torch.float32).numpy())
         if not np.isfinite(matrix).all():
             require_finite(embeddings, "queries")  # raises, with the count of bad values
-        k = min(_check_k(self.k if k is None else k), self.num_candidates)
+            raise ValueError("queries overflow float32, the precision FAISS searches in")
+        k = min(_check_k(self.k if k is None else k), corpus.count)
         positions = None
         if exclusions is not None:
-            positions = self._exclusion_positions(exclusions, matrix.shape[0], table).numpy()
-        scores, rows = self._search_numpy(matrix, k, positions)
-        return _on_device(torch.from_numpy(scores), embeddings.device), table.take_numpy(rows, embeddings.device)
+            positions = self._exclusion_positions(exclusions, matrix.shape[0], corpus.ids).numpy()
+        scores, rows = self._search_numpy(corpus, matrix, k, positions, settings)
+        device = embeddings.device
+        return (
+            _on_device(torch.from_numpy(scores), device),
+            corpus.ids.take_numpy(rows, device),
+            _on_device(torch.from_numpy(rows), device),
+        )
 
     def _search(
         self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._search_snapshot(self._built(), queries, k, exclusions)
+
+    def _search_snapshot(
+        self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         matrix = np.ascontiguousarray(queries.detach().to("cpu", torch.float32).numpy())
-        scores, rows = self._search_numpy(matrix, k, None if exclusions is None else exclusions.cpu().numpy())
+        excluded = None if exclusions is None else exclusions.cpu().numpy()
+        scores, rows = self._search_numpy(snapshot, matrix, k, excluded, self._settings())
         return _on_device(torch.from_numpy(scores), queries.device), _on_device(torch.from_numpy(rows), queries.device)
 
-    def _search_numpy(self, matrix: np.ndarray, k: int, exclusions: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_numpy(
+        self,
+        corpus: _FaissCorpus,
+        matrix: np.ndarray,
+        k: int,
+        exclusions: np.ndarray | None,
+        settings: tuple[int | None, int | None, int | None],
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(scores [nq, k] float32, rows [nq, k] int64)`` of float32 ``matrix`` ``[nq, d]``; ``exclusions`` holds
-        rows to leave out per query, ``-1`` padded."""
-        if self._index is None:
-            raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
-        self._set_parameters(*(self._call_parameters or (self.nprobe, self.ef_search, self.k_factor)))
-        extra = 0 if exclusions is None else int((exclusions >= 0).sum(axis=1).max())
-        wanted = min(k + extra, self._count)
-        scores, rows = self._index.search(matrix, wanted)
+        rows to leave out per query, ``-1`` padded. Empty slots have row ``-1`` and score ``-inf``."""
+        parameters = self._faiss_parameters(corpus, settings)
+        extra = 0 if exclusions is None else int((exclusions >= 0).sum(axis=1).max(initial=0))
+        wanted = min(k + extra, corpus.count)
+        scores, rows = corpus.index.search(matrix, wanted, params=parameters)
         # FAISS marks missing results with -1 (few cells probed): they rank last.
         empty = rows < 0
-        if exclusions is not None:
-            empty |= (rows[:, :, None] == exclusions[:, None, :]).any(axis=2)
+        if exclusions is not None and extra:
+            empty |= _excluded_mask(rows, exclusions, corpus.count)
         if empty.any():
-            scores = np.where(empty, -np.inf, scores).astype(np.float32)
             rows = np.where(empty, -1, rows)
+            scores = np.where(empty, -np.inf, scores).astype(np.float32)
             if exclusions is not None:
-                order = np.argsort(-scores, axis=1, kind="stable")
+                # FAISS returns each row sorted: moving the removed entries to the end keeps the order of the rest.
+                order = np.argsort(empty, axis=1, kind="stable")
                 scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
         scores, rows = scores[:, :k], rows[:, :k]
         if scores.shape[1] < k:
@@ -699,13 +938,103 @@ class Faiss(TopK):
             rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
         return np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(rows, dtype=np.int64)
 
+    def _faiss_parameters(self, corpus: _FaissCorpus, settings: tuple[int | None, int | None, int | None]) -> Any:
+        """The ``SearchParameters`` of ``settings`` for this index (made once per distinct settings)."""
+        cached = corpus.parameters.get(settings)
+        if cached is None:
+            keep: list[tuple[str, Any]] = []
+            parameters = _search_parameters(corpus.index, *settings, keep=keep)
+            kinds = {kind for kind, _ in keep}
+            for name, value, kind in zip(
+                ("nprobe", "ef_search", "k_factor"), settings, ("ivf", "hnsw", "refine"), strict=True
+            ):
+                if value is not None and kind not in kinds:
+                    if kind == "refine":
+                        refined = "refined indexes (a factory ending in ',RFlat')"
+                        raise ValueError(f"k_factor applies to {refined}, not to {self.factory!r}")
+                    raise ValueError(f"{name} does not apply to a {self.factory!r} index")
+            cached = (parameters, keep)
+            corpus.parameters[settings] = cached
+        return cached[0]
+
+
+def _faiss_corpus(index: Any, ids: IdTable) -> _FaissCorpus:
+    return _FaissCorpus(ids, index, int(index.ntotal), int(index.d), {})
+
+
+def _faiss_message(error: Exception) -> str:
+    """FAISS's error without its C++ source location ("Error in ... at faiss/x.cpp:66: Error: 'cond'")."""
+    return str(error).split("Error: ", 1)[-1].strip()[:300]
+
+
+def _ivf_cells(index: Any) -> int | None:
+    import faiss
+
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:  # not an IVF index
+        return None
+
+
+def _search_parameters(
+    index: Any, nprobe: int | None, ef_search: int | None, k_factor: int | None, keep: list[tuple[str, Any]]
+) -> Any:
+    """FAISS ``SearchParameters`` for ``index`` (``None`` where it takes none), nested as the index is nested
+    (a refined or pre-transformed index wraps another). ``keep`` collects ``(kind, object)`` for every object
+    made: FAISS holds nested parameters by raw pointer, so Python must keep them alive."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        refine = faiss.IndexRefineSearchParameters()
+        refine.k_factor = float(k_factor if k_factor is not None else index.k_factor)
+        base = _search_parameters(index.base_index, nprobe, ef_search, None, keep)
+        if base is not None:
+            refine.base_index_params = base
+        keep.append(("refine", refine))
+        return refine
+    if isinstance(index, faiss.IndexPreTransform):
+        inner = _search_parameters(index.index, nprobe, ef_search, k_factor, keep)
+        if inner is None:
+            return None
+        transform = faiss.SearchParametersPreTransform()
+        transform.index_params = inner
+        keep.append(("pretransform", transform))
+        return transform
+    if isinstance(index, faiss.IndexIVF):
+        ivf = faiss.SearchParametersIVF()
+        ivf.nprobe = int(nprobe if nprobe is not None else index.nprobe)
+        keep.append(("ivf", ivf))
+        return ivf
+    if isinstance(index, faiss.IndexHNSW):
+        hnsw = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        hnsw.efSearch = int(ef_search if ef_search is not None else index.hnsw.efSearch)
+        keep.append(("hnsw", hnsw))
+        return hnsw
+    return None
+
+
+def _excluded_mask(rows: np.ndarray, exclusions: np.ndarray, count: int) -> np.ndarray:
+    """``[nq, w]`` bool: is ``rows[i, j]`` one of query ``i``'s excluded rows (``exclusions`` ``[nq, E]``, -1 pads)?
+
+    Each ``(query, row)`` pair becomes one integer key, and membership is one sorted lookup over all keys: memory
+    and time ``O(nq (w + E))``, not the ``O(nq w E)`` of comparing every result with every exclusion.
+    """
+    queries = np.arange(rows.shape[0], dtype=np.int64)[:, None]
+    excluded_keys = np.unique((queries * count + exclusions)[exclusions >= 0])
+    found = rows >= 0
+    keys = queries * count + np.where(found, rows, 0)
+    return np.isin(keys, excluded_keys) & found
+
 
 def _faiss_save(index: Faiss, path: str | os.PathLike[str]) -> None:
     import faiss
 
-    if index._index is None:
-        raise RuntimeError("Faiss has not been built: nothing to save")
-    tensors = {"faiss_index": torch.as_tensor(faiss.serialize_index(index._index).copy()), **_ids_to_tensors(index.ids)}
+    corpus = index._built()
+    tensors = {
+        "faiss_index": torch.as_tensor(faiss.serialize_index(corpus.index).copy()),
+        **_ids_to_tensors(corpus.ids),
+    }
     metadata = {
         "factory": index.factory,
         "k": str(index.k),
@@ -721,39 +1050,31 @@ def _faiss_load(path: str | os.PathLike[str], query_model: nn.Module | Callable[
     import faiss
 
     tensors, metadata = _load_index_file(Path(path), "twotower.Faiss")
-    index = Faiss(
-        metadata["factory"],
-        k=int(metadata["k"]),
-        query_model=query_model,
-        train_size=int(metadata["train_size"]),
-        nprobe=int(metadata["nprobe"]) or None,
-        ef_search=int(metadata["ef_search"]) or None,
-        # Files written before k_factor existed have none.
-        k_factor=int(metadata.get("k_factor", "0")) or None,
-    )
-    index._index = faiss.deserialize_index(tensors["faiss_index"].numpy())
-    index._count, index._dimension = int(index._index.ntotal), int(index._index.d)
-    index._faiss_defaults = _faiss_search_defaults(index._index)
-    index._ids = IdTable(_ids_from_tensors(tensors))
-    if len(index._ids) != index._count:
-        raise ValueError(f"{path} is inconsistent: {len(index._ids)} ids for {index._count} vectors")
+    settings = _metadata_ints(path, metadata, ("k", "nprobe", "ef_search", "k_factor", "train_size"))
+    if "faiss_index" not in tensors or tensors["faiss_index"].dtype != torch.uint8:
+        raise ValueError(f"{path} is not a valid twotower index file: it has no uint8 faiss_index tensor")
+    try:
+        index = Faiss(
+            metadata.get("factory", ""),
+            k=settings["k"],
+            query_model=query_model,
+            train_size=settings["train_size"],
+            nprobe=settings["nprobe"] or None,
+            ef_search=settings["ef_search"] or None,
+            k_factor=settings["k_factor"] or None,
+        )
+    except ValueError as error:
+        raise ValueError(f"{path} is not a valid twotower index file: {error}") from error
+    try:
+        # FAISS's own binary format, parsed by FAISS's reader: vectors, codes and structure, no code.
+        faiss_index = faiss.deserialize_index(tensors["faiss_index"].numpy())
+    except RuntimeError as error:
+        raise ValueError(f"{path} holds a FAISS index that FAISS cannot read: {_faiss_message(error)}") from error
+    ids = IdTable(_ids_from_tensors(tensors, path))
+    if len(ids) != int(faiss_index.ntotal):
+        raise ValueError(f"{path} is inconsistent: {len(ids)} ids for {int(faiss_index.ntotal)} vectors")
+    index._corpus = _faiss_corpus(faiss_index, ids)
     return index
-
-
-def _faiss_search_defaults(index: Any) -> dict[str, int]:
-    """The ``nprobe`` / ``efSearch`` / ``k_factor`` values a freshly built or loaded FAISS index searches with."""
-    import faiss
-
-    defaults: dict[str, int] = {}
-    with contextlib.suppress(RuntimeError):  # raised when the index is not an IVF index
-        defaults["nprobe"] = int(faiss.extract_index_ivf(index).nprobe)
-    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
-    if hnsw is not None:
-        defaults["efSearch"] = int(hnsw.efSearch)
-    refined = faiss.downcast_index(index)
-    if isinstance(refined, faiss.IndexRefine):
-        defaults["k_factor"] = int(refined.k_factor)
-    return defaults
 
 
 def _check_optional_positive(value: int | None, name: str) -> int | None:
