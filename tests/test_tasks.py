@@ -17,7 +17,7 @@ from reference import (
     weighted_mean,
 )
 from twotower import BatchAUC, BatchTopKAccuracy, BruteForce, FactorizedTopK, LossMean, Retrieval
-from twotower.losses import MIN_FLOAT
+from twotower.losses import MIN_FLOAT, in_batch_softmax_cross_entropy
 
 
 def _sigmoid(x: float) -> float:
@@ -487,6 +487,28 @@ class TestBadInput:
 
 class TestFusedLoss:
     """The blocked loss (no materialised logits) against the materialised path and the numpy reference."""
+
+    @pytest.mark.parametrize("block_rows", [None, 1, 2])
+    def test_fully_masked_rows_lose_log_of_the_column_count(self, block_rows: int | None) -> None:
+        """A row whose every logit is masked is a softmax over nc equal values: TFRS (Keras's
+        softmax_cross_entropy, which subtracts the row maximum first) gives ln(nc), and so does the materialised
+        path. The blocked loss used to give 0: MIN_FLOAT + ln(nc) rounds back to MIN_FLOAT in float32."""
+        rng = np.random.default_rng(2)
+        queries = torch.as_tensor(rng.normal(size=(3, 4)), dtype=torch.float32).requires_grad_(True)
+        candidates = torch.as_tensor(rng.normal(size=(5, 4)), dtype=torch.float32).requires_grad_(True)
+        mask = torch.zeros(3, 5, dtype=torch.bool)
+        mask[2] = True  # one ordinary row beside the two fully masked ones
+        logits = queries.detach().double() @ candidates.detach().double().T
+        expected = 2 * math.log(5) + float(torch.logsumexp(logits[2], 0) - logits[2, 2])
+        for fused in (None, False):
+            loss = Retrieval(fused=fused)(queries, candidates, score_mask=mask)
+            assert float(loss) == pytest.approx(expected, rel=1e-6), fused
+        per_row = in_batch_softmax_cross_entropy(queries, candidates, score_mask=mask, block_rows=block_rows)
+        np.testing.assert_allclose(per_row[:2].detach().numpy(), [math.log(5)] * 2, rtol=1e-6)
+        per_row.sum().backward()
+        assert queries.grad is not None
+        # Masked logits are constants: the fully masked rows get no gradient.
+        assert float(queries.grad[:2].abs().max()) == 0.0
 
     @pytest.mark.parametrize(("temperature", "remove", "with_p", "with_w", "with_mask", "extra"), list(
         itertools.product([None, 0.3], [False, True], [False, True], [False, True], [False, True], [0, 4])

@@ -237,19 +237,28 @@ class _InBatchSoftmax(torch.autograd.Function):
             exponentials = logits
             ctx.single_block = True
             ctx.save_for_backward(queries, candidates, exponentials, sums, score_mask)
-            result: torch.Tensor = maxima + sums.log() - positives
+            # log(sum) - (positive - max), Keras's order: with every logit of a row masked to MIN_FLOAT,
+            # max + log(sum) - positive rounds ln(nc) away (MIN_FLOAT + ln(nc) == MIN_FLOAT in float32).
+            result: torch.Tensor = sums.log() - (positives - maxima)
             return result
         ctx.single_block = False
-        log_normalisers = queries.new_empty(num_queries)
+        # Each row's maximum and log(sum(exp(l - max))) are kept apart: their sum would absorb the second when
+        # the maximum is MIN_FLOAT (a fully masked row), as in the single block above.
+        row_maxima = queries.new_empty(num_queries)
+        log_sums = queries.new_empty(num_queries)
         per_row = queries.new_empty(num_queries)
         for start in range(0, num_queries, block_rows):
             block = queries[start : start + block_rows]
+            rows_of_block = slice(start, start + block.shape[0])
             logits = _chunk_logits(block, candidates, start, temperature, bias, candidate_codes, score_mask)
             rows = torch.arange(block.shape[0], device=logits.device)
-            log_normaliser = torch.logsumexp(logits, dim=1)
-            log_normalisers[start : start + block.shape[0]] = log_normaliser
-            per_row[start : start + block.shape[0]] = log_normaliser - logits[rows, rows + start]
-        ctx.save_for_backward(queries, candidates, log_normalisers, bias, candidate_codes, score_mask)
+            maxima = logits.amax(dim=1)
+            positives = logits[rows, rows + start] - maxima
+            log_sum = logits.sub_(maxima[:, None]).exp_().sum(dim=1).log_()
+            row_maxima[rows_of_block], log_sums[rows_of_block] = maxima, log_sum
+            per_row[rows_of_block] = log_sum - positives
+        # The backward needs their sum only: in a fully masked row, where it is inexact, the mask zeroes the gradient.
+        ctx.save_for_backward(queries, candidates, row_maxima + log_sums, bias, candidate_codes, score_mask)
         return per_row
 
     @staticmethod
