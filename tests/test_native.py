@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +120,89 @@ def test_softmax_rows_decline_what_they_cannot_take() -> None:
         before = logits.clone()
         assert _native.softmax_rows(logits) is None
         assert torch.equal(logits, before)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty kernel cache for one test; the suite's own cached kernel is reloaded afterwards."""
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    root = tmp_path / "cache"
+    monkeypatch.setenv("TWOTOWER_CACHE", str(root))
+    _native.load.cache_clear()
+    yield root
+    _native.load.cache_clear()
+
+
+def _library(root: Path) -> Path:
+    (found,) = (root / "native").glob("*/libtwotower.so")
+    return found
+
+
+def _search_matches_torch() -> None:
+    corpus, queries = torch.randn(3000, 16), torch.randn(5, 16)
+    _, rows = BruteForce(k=7).index(corpus)(queries)
+    expected = torch.topk(queries.double() @ corpus.double().T, 7)
+    np.testing.assert_array_equal(rows.numpy(), expected.indices.numpy())
+
+
+def test_cache_folders_are_private_whatever_the_umask(fresh_cache: Path) -> None:
+    previous = os.umask(0)
+    try:
+        assert _native.load() is not None
+    finally:
+        os.umask(previous)
+    library = _library(fresh_cache)
+    for folder in (fresh_cache, fresh_cache / "native", library.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE(library.stat().st_mode) & 0o077 == 0
+
+
+@pytest.mark.parametrize("level", ["root", "native", "key"])
+def test_a_folder_others_can_write_is_refused_with_the_torch_fallback(fresh_cache: Path, level: str) -> None:
+    assert _native.load() is not None
+    library = _library(fresh_cache)
+    folder = {"root": fresh_cache, "native": fresh_cache / "native", "key": library.parent}[level]
+    folder.chmod(0o777)
+    _native.load.cache_clear()
+    with pytest.warns(UserWarning, match="writable by group or others"):
+        assert _native.load() is None
+    _search_matches_torch()
+
+
+def test_a_folder_of_another_user_is_refused(fresh_cache: Path) -> None:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("changing a folder's owner needs root")
+    fresh_cache.mkdir(mode=0o700)
+    os.chown(fresh_cache, 65534, 65534)
+    with pytest.warns(UserWarning, match="belongs to another user"):
+        assert _native.load() is None
+    assert not (fresh_cache / "native").exists()
+
+
+def test_a_changed_library_is_rebuilt_not_loaded(fresh_cache: Path) -> None:
+    assert _native.load() is not None
+    library = _library(fresh_cache)
+    original = library.read_bytes()
+    library.write_bytes(original[: len(original) // 2])  # what a planted or truncated library looks like
+    _native.load.cache_clear()
+    assert _native.load() is not None
+    assert library.read_bytes() == original
+    _search_matches_torch()
+
+
+def test_a_library_without_the_kernels_falls_back_to_torch(fresh_cache: Path, tmp_path: Path) -> None:
+    assert _native.load() is not None
+    library = _library(fresh_cache)
+    source = tmp_path / "empty.c"
+    source.write_text("int twotower_unrelated(void) { return 1; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    library.chmod(0o700)
+    digest = library.with_name(library.name + ".sha256")
+    digest.write_text(hashlib.sha256(library.read_bytes()).hexdigest())  # it passes the checksum ...
+    _native.load.cache_clear()
+    with pytest.warns(UserWarning, match="lacks a kernel function"):
+        assert _native.load() is None  # ... but not the symbol check
+    _search_matches_torch()

@@ -14,16 +14,19 @@ in-batch softmax in one pass over each row (see :func:`softmax_rows`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,9 +51,107 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twotower"
 
 
+class UnsafeCacheError(OSError):
+    """A cache directory or library that another user could have written: never loaded."""
+
+
+def _private_directory(path: Path) -> None:
+    """Create ``path`` (and its missing parents) with mode 0700, and refuse it unless it is a directory owned by
+    this user that neither group nor others can write: whoever can write there can put code in the library."""
+    missing = []
+    walk = path
+    while not walk.exists():
+        missing.append(walk)
+        walk = walk.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask; an explicit chmod is not
+    _require_private(path, "directory")
+
+
+def _require_private(path: Path, kind: str) -> None:
+    info = os.stat(path)  # follows a symbolic link: the target is what gets written and read
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise UnsafeCacheError(f"the cache {kind} {path} belongs to another user (uid {info.st_uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(f"the cache {kind} {path} is writable by group or others (mode {info.st_mode:o})")
+    if kind == "directory" and not stat.S_ISDIR(info.st_mode):
+        raise UnsafeCacheError(f"the cache path {path} is not a directory")
+
+
+def _verified_bytes(library: Path) -> bytes | None:
+    """The bytes of ``library`` if it is private and matches the SHA-256 recorded beside it when it was built;
+    ``None`` where it is missing or does not match (it is then rebuilt)."""
+    digest_file = library.with_name(library.name + ".sha256")
+    if not library.is_file() or not digest_file.is_file():
+        return None
+    _require_private(library, "library")
+    _require_private(digest_file, "checksum file")
+    data = library.read_bytes()
+    return data if hashlib.sha256(data).hexdigest() == digest_file.read_text().strip() else None
+
+
+def _open_bytes(data: bytes) -> ctypes.CDLL:
+    """``dlopen`` a private copy of the verified bytes: what is loaded is exactly what was checked, whatever
+    happens to the cache file afterwards (and a fresh path each time, which ``dlopen`` does not confuse with a
+    library it already holds)."""
+    with tempfile.TemporaryDirectory(prefix="twotower-kernel-") as private:  # mode 0700
+        path = Path(private) / "libtwotower.so"
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700), "wb") as file:
+            file.write(data)
+        return ctypes.CDLL(str(path))  # the mapping outlives the file
+
+
+def _build(compiler: str, sources: dict[str, str], library: Path) -> None:
+    """Compile ``sources`` in a private temporary folder, then move the library and its SHA-256 into place."""
+    with tempfile.TemporaryDirectory(dir=library.parent) as build:
+        paths = []
+        for name, text in sources.items():
+            paths.append(Path(build) / name)
+            paths[-1].write_text(text)
+        output = Path(build) / library.name
+        subprocess.run(
+            [compiler, *_FLAGS, *map(str, paths), "-o", str(output), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.chmod(output, 0o700)
+        digest = Path(build) / (library.name + ".sha256")
+        digest.write_text(hashlib.sha256(output.read_bytes()).hexdigest())
+        os.chmod(digest, 0o600)
+        # Atomic, the checksum first: a concurrent process sees no library, the old one (which then fails its
+        # check and is rebuilt), or the new one with its checksum.
+        os.replace(digest, library.with_name(digest.name))
+        os.replace(output, library)
+
+
+#: The kernel's functions and their argument types; a library missing one is not used.
+_SIGNATURES: dict[str, list[Any]] = {
+    "twotower_topk_update": [ctypes.c_void_p, *[ctypes.c_int64] * 4, *[ctypes.c_void_p] * 3, *[ctypes.c_int64] * 2],
+    "twotower_topk_screen": [
+        ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64,
+    ],
+    "twotower_topk_finish": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3],
+    "twotower_pair_scores": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                             ctypes.c_int64],
+    "twotower_softmax_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
+                              ctypes.c_int64],
+}  # fmt: skip
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or ``None`` where it is disabled or cannot be built (a warning says why, once)."""
+    """The compiled kernel, or ``None`` where it is disabled, cannot be built, or its cache is not private to this
+    user (a warning says why, once); every caller then takes the torch path, with the same results.
+
+    The cache directory is created with mode 0700 and refused when it belongs to another user or others can
+    write it. The library is loaded only after its SHA-256 matches the one recorded when it was built (a
+    mismatch, from a changed or truncated file, rebuilds it), and from a private copy of the checked bytes.
+    """
     if os.environ.get("TWOTOWER_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -60,44 +161,33 @@ def load() -> ctypes.CDLL | None:
     key = hashlib.sha256("\n".join([*sources.values(), compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     library = _cache_dir() / "native" / key / "libtwotower.so"
     try:
-        if not library.exists():
-            library.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=library.parent) as build:
-                paths = []
-                for name, text in sources.items():
-                    paths.append(Path(build) / name)
-                    paths[-1].write_text(text)
-                output = Path(build) / library.name
-                subprocess.run(
-                    [compiler, *_FLAGS, *map(str, paths), "-o", str(output), "-lm"],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                # Atomic: a concurrent process sees either no library or a complete one.
-                os.replace(output, library)
-        kernel = ctypes.CDLL(str(library))
+        # Every level from the cache root down: whoever can write a parent can swap the folder below it.
+        for directory in (_cache_dir(), library.parent.parent, library.parent):
+            _private_directory(directory)
+        data = _verified_bytes(library)
+        if data is None:
+            _build(compiler, sources, library)
+            data = _verified_bytes(library)
+            if data is None:
+                raise UnsafeCacheError(f"{library} changed while it was being built")
+        kernel = _open_bytes(data)
+    except UnsafeCacheError as error:
+        warnings.warn(f"twotower: native kernels not loaded, using torch: {error}", stacklevel=2)
+        return None
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or str(error)
         warnings.warn(f"twotower: native kernels unavailable, using torch ({detail.strip()[:300]})", stacklevel=2)
         return None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    signatures = {
-        "twotower_topk_update": [pointer, integer, integer, integer, integer, pointer, pointer, pointer, integer,
-                                 integer],
-        "twotower_topk_screen": [pointer, integer, integer, integer, integer, pointer, pointer, integer, pointer,
-                                 pointer, pointer, pointer, integer, integer],
-        "twotower_topk_finish": [pointer, pointer, pointer, integer, integer, integer],
-        "twotower_pair_scores": [pointer, pointer, integer, integer, pointer, integer],
-        "twotower_softmax_rows": [pointer, integer, integer, integer, pointer, pointer, integer],
-    }  # fmt: skip
-    for name, argtypes in signatures.items():
-        function = getattr(kernel, name)
-        function.restype = None
-        function.argtypes = argtypes
-    kernel.twotower_softmax_rows_vectorized.restype = ctypes.c_int
-    kernel.twotower_softmax_rows_vectorized.argtypes = []
+    try:
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(kernel, name)
+            function.restype = None
+            function.argtypes = argtypes
+        kernel.twotower_softmax_rows_vectorized.restype = ctypes.c_int
+        kernel.twotower_softmax_rows_vectorized.argtypes = []
+    except AttributeError as error:
+        warnings.warn(f"twotower: {library} lacks a kernel function ({error}), using torch", stacklevel=2)
+        return None
     return kernel
 
 
