@@ -135,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="most concurrent requests answered by one batched search (default 64; 1 turns batching off)",
     )
+    serve.add_argument(
+        "--expect-manifest-sha256",
+        metavar="HEX",
+        help="serve only if the bundle's manifest.json has this SHA-256 (pins the exact bundle; printed at start)",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=10.0,
+        help="seconds a request has to arrive whole; slower clients are disconnected (default 10)",
+    )
+    serve.add_argument(
+        "--max-connections", type=_positive_int, default=1000, help="connections open at once (default 1000)"
+    )
 
     synthetic = commands.add_parser(
         "synthetic",
@@ -265,13 +279,27 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_serve(args: argparse.Namespace) -> None:
     """Serve the run's bundle with uvicorn until interrupted."""
-    import uvicorn
-
-    from twotower.serving import create_app, load_bundle
+    from twotower.serving import load_bundle, make_server
 
     directory = Path(args.run)
-    bundle = load_bundle(directory / "bundle" if (directory / "bundle").is_dir() else directory)
-    uvicorn.run(create_app(bundle, max_batch=args.max_batch), host=args.host, port=args.port, log_level="warning")
+    bundle = load_bundle(
+        directory / "bundle" if (directory / "bundle").is_dir() else directory,
+        expected_manifest_sha256=args.expect_manifest_sha256,
+    )
+    server = make_server(
+        bundle,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        request_timeout=args.request_timeout,
+        max_connections=args.max_connections,
+    )
+    print(
+        f"twotower serve: {bundle.index.num_candidates:,} items, listening on http://{args.host}:{args.port} "
+        f"(bundle manifest SHA-256 {bundle.manifest_sha256})",
+        flush=True,
+    )
+    server.run()
 
 
 def _quiet(*_: object, **__: object) -> None:
@@ -306,6 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, RunError, BundleError, KeyError, ValueError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"twotower {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except OSError as error:  # an unreadable file, a full disk, a port in use: one line, no traceback
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(f"twotower {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return 1
     return 0
 

@@ -18,10 +18,10 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -30,13 +30,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
-from twotower._files import atomic_write, read_verified_directory
+from twotower._checks import has_trailing_nul
+from twotower._files import atomic_write, new_directory_beside, parse_json, read_verified_directory, replace_directory
 from twotower.data.movielens import Vocabulary
 from twotower.indexes import BruteForce, Faiss, TopK
+from twotower.towers import TowerFormatError, build_tower, describe_tower, tower_tensors
 
-BUNDLE_FORMAT = "twotower.bundle/1"
+#: Version 2: the tower is a layer list and safetensors weights. Version 1 bundles held a ``torch.export``
+#: archive, which can carry pickled code; they are refused (save the bundle again).
+BUNDLE_FORMAT = "twotower.bundle/2"
 MAX_K = 1000
 MAX_EXCLUSIONS = 10_000
 MAX_BODY_BYTES = 1 << 20
@@ -46,30 +53,9 @@ class BundleError(ValueError):
     """A bundle directory is missing, partial, tampered with or malformed."""
 
 
-class _Tower(nn.Module):
-    """Query ids (vocabulary rows) to embeddings: what the bundle exports."""
-
-    def __init__(self, embedding: nn.Embedding) -> None:
-        super().__init__()
-        self.embedding = embedding
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        embeddings: torch.Tensor = self.embedding(rows)
-        return embeddings
-
-
-def _export_tower(tower: nn.Module, example: torch.Tensor, directory: Path) -> str:
-    """Save the tower as ``query_tower.pt2`` (torch.export) or, failing that, ``query_tower.ts`` (TorchScript)."""
-    tower = tower.eval()
-    try:
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        program = torch.export.export(tower, (example,), dynamic_shapes=({0: batch},))
-        torch.export.save(program, directory / "query_tower.pt2")
-        return "query_tower.pt2"
-    except Exception:
-        traced = torch.jit.trace(tower, (example,))  # type: ignore[no-untyped-call]
-        torch.jit.save(traced, str(directory / "query_tower.ts"))
-        return "query_tower.ts"
+def _Tower(embedding: nn.Embedding) -> nn.Sequential:  # noqa: N802 (kept for code that built bundles with it)
+    """The id tower of a bundle: vocabulary rows ``[b]`` to embeddings ``[b, d]``, as a plain layer chain."""
+    return nn.Sequential(embedding)
 
 
 def save_bundle(
@@ -81,48 +67,81 @@ def save_bundle(
     metadata: dict[str, Any] | None = None,
     item_titles: dict[str, str] | None = None,
 ) -> Path:
-    """Write a bundle directory atomically (built in a temporary folder, then renamed into place).
+    """Write a bundle directory atomically (built beside it, then swapped into place in one step).
+
+    Nothing in a bundle is code: the query tower is saved as a layer list (see :mod:`twotower.towers`) with its
+    weights in safetensors, and every other file is JSON or safetensors.
 
     Args:
-        directory: where the bundle goes (must not exist yet, or be a previous bundle, which is replaced).
-        query_tower: maps ``[b]`` int64 vocabulary rows to ``[b, d]`` embeddings.
+        directory: where the bundle goes (must not exist yet, be empty, or be a previous bundle, which is
+            replaced).
+        query_tower: maps ``[b]`` int64 vocabulary rows to ``[b, d]`` embeddings; a chain of ``nn.Embedding``,
+            ``nn.Linear`` and ``nn.ReLU`` (an ``nn.Sequential``, or one ``nn.Embedding``).
         index: a built :class:`BruteForce` or :class:`Faiss` index whose ids are the items.
         query_vocabulary: the vocabulary of query ids (row 0 is out-of-vocabulary).
         seen: items to exclude per query id (e.g. the user's training items).
         metadata: free-form JSON-serialisable description.
         item_titles: display titles of items by id, returned beside the ids; an item without one is shown by its
             id (MovieLens runs use the titles themselves as ids, as TFRS does).
+
+    Returns:
+        the bundle's path. Its ``manifest.json``'s SHA-256 (:attr:`Bundle.manifest_sha256` once loaded) pins
+        this exact bundle: pass it to :func:`load_bundle` as ``expected_manifest_sha256``.
     """
     if not isinstance(index, (BruteForce, Faiss)):
         raise TypeError(f"index must be a BruteForce or Faiss index, got {type(index).__name__}")
+    if not isinstance(query_vocabulary, Vocabulary):
+        raise TypeError(f"query_vocabulary must be a Vocabulary, got {type(query_vocabulary).__name__}")
     if item_titles is not None and not isinstance(item_titles, dict):
         raise TypeError(f"item_titles must be a dict of item id to title, got {type(item_titles).__name__}")
+    if seen is not None and not isinstance(seen, dict):
+        raise TypeError(f"seen must be a dict of query id to item ids, got {type(seen).__name__}")
+    description = describe_tower(query_tower)
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    _refuse_foreign_directory(target, "bundle")
+    building = new_directory_beside(target)
     try:
-        example = torch.tensor([1, min(2, len(query_vocabulary) - 1)], dtype=torch.int64)
-        tower_file = _export_tower(query_tower, example, building)
-        index_file = "index.safetensors"
-        index.save(building / index_file)
-        (building / "vocabulary.json").write_text(json.dumps(query_vocabulary.to_list()))
-        (building / "seen.json").write_text(json.dumps(seen or {}))
-        (building / "items.json").write_text(json.dumps({str(k): str(v) for k, v in (item_titles or {}).items()}))
-        info = {"index_kind": type(index).__name__, "tower": tower_file, "metadata": metadata or {}}
-        (building / "metadata.json").write_text(json.dumps(info, indent=2))
-        files = sorted(path.name for path in building.iterdir())
+        files = {
+            "tower.safetensors": save_tensors(tower_tensors(query_tower)),
+            "vocabulary.json": _json(query_vocabulary.to_list()),
+            "seen.json": _json({str(key): [str(item) for item in items] for key, items in (seen or {}).items()}),
+            "items.json": _json({str(k): str(v) for k, v in (item_titles or {}).items()}),
+            "metadata.json": _json(
+                {"index_kind": type(index).__name__, "tower": description, "metadata": metadata or {}}, indent=2
+            ),
+        }
+        for name, payload in files.items():
+            (building / name).write_bytes(payload)
+        index.save(building / "index.safetensors")
         manifest = {
             "format": BUNDLE_FORMAT,
-            "files": {name: hashlib.sha256((building / name).read_bytes()).hexdigest() for name in files},
+            "files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(building.iterdir())},
         }
         atomic_write(building / "manifest.json", json.dumps(manifest, indent=2).encode())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(building, target)
+        replace_directory(building, target)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
     return target
+
+
+def _json(value: Any, indent: int | None = None) -> bytes:
+    # ensure_ascii=False, then strict UTF-8: a string that cannot be encoded (a lone surrogate) fails here, at
+    # save time, rather than as a server error when it is sent.
+    try:
+        return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"a bundle string is not valid Unicode text: {error}") from error
+
+
+def _refuse_foreign_directory(target: Path, kind: str) -> None:
+    """Refuse to replace ``target`` unless it is missing, empty, or a previous twotower directory of this kind."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ValueError(f"{target} exists and is not a directory: refusing to replace it with a {kind}")
+    if target.is_dir() and any(target.iterdir()) and not (target / "manifest.json").is_file():
+        raise ValueError(
+            f"{target} holds files but is not a twotower {kind} (no manifest.json): refusing to replace it"
+        )
 
 
 @dataclass
@@ -135,6 +154,8 @@ class Bundle:
     seen: dict[str, list[str]]
     metadata: dict[str, Any]
     item_titles: dict[str, str] = field(default_factory=dict)
+    #: the SHA-256 of the bundle's manifest.json, which pins every file of it (see :func:`load_bundle`).
+    manifest_sha256: str = ""
 
     def title_of(self, item: str) -> str:
         """The item's display title: from the bundle's item map, else the id itself."""
@@ -174,13 +195,17 @@ class Bundle:
             for slot in slots:
                 query = queries[known[slot]]
                 seen = self.seen.get(query.query_id, []) if query.exclude_seen else []
-                exclusions.append(np.asarray([*query.exclude, *seen]))
-            scores, items = self.index.query_with_exclusions(embeddings[slots], exclusions, k=k)
-            for slot, item_row, score_row in zip(slots, np.asarray(items).tolist(), scores.tolist(), strict=True):
+                # An id ending in NUL is no item's id (none can hold one), and numpy would strip the NUL.
+                exclusions.append([item for item in (*query.exclude, *seen) if not has_trailing_nul([item])])
+            scores, items, positions = self.index.query_rows(embeddings[slots], k, exclusions)
+            answered = zip(slots, np.asarray(items).tolist(), scores.tolist(), positions.tolist(), strict=True)
+            for slot, item_row, score_row, position_row in answered:
+                # Empty slots (fewer than k items left) have position -1; a real item's score can be -inf.
                 answers[known[slot]] = [
-                    (str(item), float(score)) for item, score in zip(item_row, score_row, strict=True)
-                    if score != float("-inf")
-                ]  # fmt: skip
+                    (str(item), float(score))
+                    for item, score, position in zip(item_row, score_row, position_row, strict=True)
+                    if position >= 0
+                ]
         return answers
 
 
@@ -282,49 +307,116 @@ class MicroBatcher:
                     future.set_result(answer)
 
 
-def _load_tower(path: Path) -> Any:
-    if path.suffix == ".pt2":
-        return torch.export.load(path).module()
-    return torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+def load_bundle(directory: str | os.PathLike[str], expected_manifest_sha256: str | None = None) -> Bundle:
+    """Load a bundle written by :func:`save_bundle`, verifying every file against the manifest.
 
+    Loading runs no code from the bundle: the tower is rebuilt from its layer list and its weights read from
+    safetensors, the rest is JSON. Every file name is fixed (none is taken from the bundle's metadata).
 
-def load_bundle(directory: str | os.PathLike[str]) -> Bundle:
-    """Load a bundle written by :func:`save_bundle`, verifying every file against the manifest."""
+    Args:
+        directory: the bundle.
+        expected_manifest_sha256: the SHA-256 of the bundle's ``manifest.json`` (printed by ``twotower serve``
+            and kept in :attr:`Bundle.manifest_sha256`). The checksums in a manifest only show that the files
+            match it; pinning the manifest shows that the bundle is the one you expect.
+
+    Raises:
+        BundleError: the bundle is missing, incomplete, changed, not the pinned one, or malformed.
+    """
     directory = Path(directory)
-    _, contents = read_verified_directory(directory, BUNDLE_FORMAT, BundleError, "bundle", exclusive=True)
-    info = json.loads(contents["metadata.json"])
-    tower_path = directory / info["tower"]
-    tower = _load_tower(tower_path)
-    index: TopK
-    if info["index_kind"] == "Faiss":
-        index = Faiss.load(directory / "index.safetensors")
-    else:
-        index = BruteForce.load(directory / "index.safetensors")
+    manifest, contents = read_verified_directory(
+        directory,
+        BUNDLE_FORMAT,
+        BundleError,
+        "bundle",
+        exclusive=True,
+        expected_manifest_sha256=expected_manifest_sha256,
+    )
+    missing = sorted({*_BUNDLE_FILES} - set(contents))
+    if missing:
+        raise BundleError(f"{directory} is not a complete bundle: the manifest does not list {missing}")
+    info = parse_json(contents["metadata.json"], f"{directory}/metadata.json", BundleError)
+    if not isinstance(info, dict) or info.get("index_kind") not in ("BruteForce", "Faiss") or "tower" not in info:
+        raise BundleError(f"{directory}/metadata.json must name the index kind (BruteForce or Faiss) and the tower")
+    try:
+        tower = build_tower(info["tower"], load_tensors(contents["tower.safetensors"]))
+    except (TowerFormatError, SafetensorError) as error:
+        raise BundleError(
+            f"{directory}/tower.safetensors does not hold the tower metadata.json describes: {error}"
+        ) from error
+    index_type = Faiss if info["index_kind"] == "Faiss" else BruteForce
+    try:
+        index: TopK = index_type.load(directory / "index.safetensors")
+    except ValueError as error:
+        raise BundleError(str(error)) from error
+    vocabulary = parse_json(contents["vocabulary.json"], f"{directory}/vocabulary.json", BundleError)
+    seen = parse_json(contents["seen.json"], f"{directory}/seen.json", BundleError)
+    items = parse_json(contents["items.json"], f"{directory}/items.json", BundleError)
+    if not isinstance(vocabulary, list) or not vocabulary or not all(isinstance(value, str) for value in vocabulary):
+        raise BundleError(f"{directory}/vocabulary.json must be a non-empty list of strings")
+    if not isinstance(seen, dict) or not all(
+        isinstance(values, list) and all(isinstance(value, str) for value in values) for values in seen.values()
+    ):
+        raise BundleError(f"{directory}/seen.json must map query ids to lists of item ids")
+    if not isinstance(items, dict) or not all(isinstance(value, str) for value in items.values()):
+        raise BundleError(f"{directory}/items.json must map item ids to titles")
+    try:
+        query_vocabulary = Vocabulary(vocabulary)
+    except ValueError as error:
+        raise BundleError(f"{directory}/vocabulary.json: {error}") from error
     return Bundle(
         tower=tower,
         index=index,
-        vocabulary=Vocabulary(json.loads(contents["vocabulary.json"])),
-        seen=json.loads(contents["seen.json"]),
-        metadata=info["metadata"],
-        # Bundles written before the item map existed have no items.json.
-        item_titles=json.loads(contents["items.json"]) if "items.json" in contents else {},
+        vocabulary=query_vocabulary,
+        seen=seen,
+        metadata=info["metadata"] if isinstance(info.get("metadata"), dict) else {},
+        item_titles=items,
+        manifest_sha256=str(manifest["manifest_sha256"]),
     )
+
+
+#: Every file of a bundle; their names are fixed here, never read from the bundle.
+_BUNDLE_FILES = (
+    "tower.safetensors",
+    "index.safetensors",
+    "vocabulary.json",
+    "seen.json",
+    "items.json",
+    "metadata.json",
+)
 
 
 def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
     """A FastAPI application answering from ``bundle``: ``POST /recommend``, ``GET /healthz``.
 
     Concurrent requests are answered together, up to ``max_batch`` per search (see :class:`MicroBatcher`).
+    Request bodies are limited to ``MAX_BODY_BYTES`` as received (not as announced), strings must be valid
+    Unicode, and error answers never repeat the request's values.
     """
     from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, Field, field_validator
+
+    from twotower._http import BodyLimit
 
     class RecommendRequest(BaseModel):
         user_id: str = Field(min_length=1, max_length=256, description="the query (user) id")
         k: int = Field(default=10, ge=1, le=MAX_K, description="how many items")
         exclude: list[str] = Field(default_factory=list, max_length=MAX_EXCLUSIONS, description="ids to leave out")
         exclude_seen: bool = Field(default=True, description="also leave out the user's training items")
+
+        @field_validator("user_id")
+        @classmethod
+        def _unicode_id(cls, value: str) -> str:
+            _require_unicode(value)
+            return value
+
+        @field_validator("exclude")
+        @classmethod
+        def _unicode_ids(cls, values: list[str]) -> list[str]:
+            for value in values:
+                _require_unicode(value)
+            return values
 
     class Item(BaseModel):
         id: str
@@ -343,16 +435,18 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
         batcher.stop()
 
     app = FastAPI(title="twotower", description="Two-tower retrieval service", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                return JSONResponse(status_code=400, content={"detail": "content-length must be a whole number"})
-            if int(length) > MAX_BODY_BYTES:
-                return JSONResponse(status_code=413, content={"detail": f"body larger than {MAX_BODY_BYTES} bytes"})
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer repeats each offending input (a 100 MiB list came back whole, and a NaN or a lone
+        # surrogate made the answer itself fail with a 500): say where and what, never the value.
+        problems = [
+            {"loc": [str(part) for part in problem.get("loc", ())], "msg": str(problem.get("msg", "")),
+             "type": str(problem.get("type", ""))}
+            for problem in error.errors()[:20]
+        ]  # fmt: skip
+        return JSONResponse(status_code=422, content={"detail": problems})
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -364,10 +458,75 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
         try:
             pairs = await asyncio.wrap_future(batcher.submit(query))
         except KeyError as error:
-            raise HTTPException(status_code=404, detail=str(error.args[0])) from error
+            raise HTTPException(
+                status_code=404, detail="unknown user_id: the bundle's vocabulary does not hold it"
+            ) from error
         return RecommendResponse(
             user_id=request.user_id,
-            items=[Item(id=item, title=bundle.title_of(item), score=score) for item, score in pairs],
+            items=[Item(id=item, title=bundle.title_of(item), score=_json_score(score)) for item, score in pairs],
         )
 
     return app
+
+
+def _require_unicode(value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+
+
+def _json_score(score: float) -> float:
+    # JSON has no infinity: a score beyond float32's range is sent as the largest finite float32 of its sign.
+    if math.isinf(score):
+        return math.copysign(float(np.finfo(np.float32).max), score)
+    return score
+
+
+def make_server(
+    bundle: Bundle,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 64,
+    request_timeout: float = 10.0,
+    max_connections: int = 1000,
+    keep_alive_timeout: int = 5,
+) -> Any:
+    """A uvicorn server for :func:`create_app`, hardened for hostile clients; call ``.run()`` to serve.
+
+    Args:
+        bundle: the loaded bundle.
+        host, port: where to listen (127.0.0.1: this machine only).
+        max_batch: see :class:`MicroBatcher`.
+        request_timeout: seconds a request has to arrive whole (headers and body) after its connection opens or
+            its previous answer goes out; slower clients are disconnected (slowloris).
+        max_connections: connections open at once; more are closed as they arrive, and requests beyond it are
+            answered 503, so file descriptors and memory stay bounded.
+        keep_alive_timeout: seconds an idle keep-alive connection stays open.
+    """
+    import logging
+
+    import uvicorn
+
+    from twotower._http import RepeatedLogFilter, guarded_protocol
+
+    if not request_timeout > 0:
+        raise ValueError(f"request_timeout must be > 0, got {request_timeout!r}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+        raise ValueError(f"max_connections must be a positive int, got {max_connections!r}")
+    for name in ("uvicorn.error", "uvicorn.access", "uvicorn"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, RepeatedLogFilter) for existing in logger.filters):
+            logger.addFilter(RepeatedLogFilter())
+    config = uvicorn.Config(
+        create_app(bundle, max_batch=max_batch),
+        host=host,
+        port=port,
+        http=guarded_protocol(request_timeout, max_connections),
+        timeout_keep_alive=keep_alive_timeout,
+        limit_concurrency=max_connections,
+        h11_max_incomplete_event_size=16 * 1024,  # headers: 16 KiB at most
+        log_level="warning",
+        server_header=False,
+    )
+    return uvicorn.Server(config)

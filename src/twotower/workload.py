@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,13 @@ import torch
 from torch import nn
 
 from twotower import distributed
-from twotower._files import atomic_write, read_verified_directory
+from twotower._files import (
+    atomic_write,
+    new_directory_beside,
+    parse_json,
+    read_verified_directory,
+    replace_directory,
+)
 from twotower.data.movielens import MovieLens, Vocabulary, load_movielens
 from twotower.indexes import BruteForce, Streaming
 from twotower.metrics import CorpusRanking, FactorizedTopK
@@ -238,16 +245,20 @@ def save_run(
     results: dict[str, Any],
     config: WorkloadConfig,
 ) -> Path:
-    """Write the run: model, title index, vocabularies, seen items, metrics, plot, and a checksum manifest."""
+    """Write the run: model, title index, vocabularies, seen items, metrics, plot, bundle and a checksum manifest.
+
+    The run is built in a new folder beside ``directory`` and swapped into place in one step: a process killed at
+    any point leaves the previous run (or none, for a first save) or the new one, whole, never a mixture. An
+    existing ``directory`` must be a previous run or empty.
+    """
     from safetensors.torch import save
 
+    from twotower.serving import _refuse_foreign_directory, _Tower, save_bundle
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _refuse_foreign_directory(directory, "run")
     files: dict[str, bytes] = {}
     files["model.safetensors"] = save({name: tensor.contiguous() for name, tensor in model.state_dict().items()})
-    index_path = directory / "index.safetensors"
-    model.title_index().save(index_path)
-    files["index.safetensors"] = index_path.read_bytes()
     files["vocabularies.json"] = json.dumps(
         {"user_id": prepared.users.to_list(), "movie_title": prepared.titles.to_list()}
     ).encode()
@@ -256,26 +267,32 @@ def save_run(
     files["seen.json"] = json.dumps(seen_by_id).encode()
     files["metrics.json"] = json.dumps({"config": asdict(config), **results}, indent=2).encode()
     files["plot.png"] = _plot(results)
-    for name, payload in files.items():
-        if name != "index.safetensors":
-            atomic_write(directory / name, payload)
-    manifest = {
-        "format": RUN_FORMAT,
-        "config": asdict(config),
-        "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
-    }
-    from twotower.serving import _Tower, save_bundle
-
-    save_bundle(
-        directory / "bundle",
-        _Tower(model.user_model),
-        model.title_index(),
-        prepared.users,
-        seen_by_id,
-        {"workload": "MovieLens basic retrieval", "config": asdict(config)},
-    )
-    # The manifest goes last: a run without one (interrupted) is refused as incomplete.
-    atomic_write(directory / "manifest.json", json.dumps(manifest, indent=2).encode())
+    building = new_directory_beside(directory)
+    try:
+        title_index = model.title_index()
+        title_index.save(building / "index.safetensors")
+        files["index.safetensors"] = (building / "index.safetensors").read_bytes()
+        for name, payload in files.items():
+            if name != "index.safetensors":
+                (building / name).write_bytes(payload)
+        save_bundle(
+            building / "bundle",
+            _Tower(model.user_model),
+            title_index,
+            prepared.users,
+            seen_by_id,
+            {"workload": "MovieLens basic retrieval", "config": asdict(config)},
+        )
+        manifest = {
+            "format": RUN_FORMAT,
+            "config": asdict(config),
+            "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
+        }
+        atomic_write(building / "manifest.json", json.dumps(manifest, indent=2).encode())
+        replace_directory(building, directory)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     return directory
 
 
@@ -325,20 +342,38 @@ def load_run(directory: str | os.PathLike[str]) -> LoadedRun:
     directory = Path(directory)
     # The run's bundle/ folder has a manifest of its own: the run's manifest is not exclusive.
     manifest, contents = read_verified_directory(directory, RUN_FORMAT, RunError, "run", exclusive=False)
-    vocabularies = json.loads(contents["vocabularies.json"])
-    config = WorkloadConfig(**manifest["config"])
-    model = BasicRetrievalModel(
-        Vocabulary(vocabularies["user_id"]), Vocabulary(vocabularies["movie_title"]), config.embedding_dim
-    )
+    missing = sorted({"model.safetensors", "index.safetensors", "vocabularies.json", "seen.json", "metrics.json"}
+                     - set(contents))  # fmt: skip
+    if missing:
+        raise RunError(f"{directory} is not a complete run: the manifest does not list {missing}")
+    vocabularies = parse_json(contents["vocabularies.json"], f"{directory}/vocabularies.json", RunError)
+    if not isinstance(vocabularies, dict) or not all(
+        isinstance(vocabularies.get(name), list) and all(isinstance(value, str) for value in vocabularies[name])
+        for name in ("user_id", "movie_title")
+    ):
+        raise RunError(f"{directory}/vocabularies.json must hold user_id and movie_title lists of strings")
+    try:
+        config = WorkloadConfig(**manifest["config"])
+        users, titles = Vocabulary(vocabularies["user_id"]), Vocabulary(vocabularies["movie_title"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise RunError(f"{directory}/manifest.json holds no valid workload config: {error}") from error
+    model = BasicRetrievalModel(users, titles, config.embedding_dim)
     try:
         model.load_state_dict(load(contents["model.safetensors"]))
     except (SafetensorError, RuntimeError) as error:
         raise RunError(f"{directory}/model.safetensors does not fit the run's vocabularies: {error}") from error
+    try:
+        index = BruteForce.load(directory / "index.safetensors")
+    except ValueError as error:
+        raise RunError(str(error)) from error
+    seen = parse_json(contents["seen.json"], f"{directory}/seen.json", RunError)
+    if not isinstance(seen, dict):
+        raise RunError(f"{directory}/seen.json must map user ids to lists of titles")
     return LoadedRun(
         model=model,
-        index=BruteForce.load(directory / "index.safetensors"),
-        seen=json.loads(contents["seen.json"]),
-        metrics=json.loads(contents["metrics.json"]),
+        index=index,
+        seen=seen,
+        metrics=parse_json(contents["metrics.json"], f"{directory}/metrics.json", RunError),
     )
 
 
@@ -354,5 +389,10 @@ def recommend(run: LoadedRun, user_id: str, k: int = 10, exclude_seen: bool = Tr
     with torch.no_grad():
         query = run.model.user_model(torch.tensor([index]))
     seen = run.seen.get(user_id, []) if exclude_seen else []
-    scores, titles = run.index.query_with_exclusions(query, [seen], k=k)
-    return [(str(title), float(score)) for title, score in zip(titles[0], scores[0].tolist(), strict=True)]
+    scores, titles, rows = run.index.query_rows(query, k, [seen])
+    # Fewer than k titles left after the exclusions: the empty slots (row -1) are not recommendations.
+    return [
+        (str(title), float(score))
+        for title, score, row in zip(titles[0], scores[0].tolist(), rows[0].tolist(), strict=True)
+        if row >= 0
+    ]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twotower._checks import has_trailing_nul, refuse_trailing_nul
 from twotower._files import atomic_write
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
@@ -117,6 +118,7 @@ class Vocabulary:
     """
 
     def __init__(self, values: np.ndarray | list[str]) -> None:
+        refuse_trailing_nul(values, "values")
         self.values = np.unique(np.asarray(values, dtype=str))
         if self.values.size == 0:
             raise ValueError("a vocabulary needs at least one value")
@@ -125,11 +127,20 @@ class Vocabulary:
         return int(self.values.shape[0]) + 1
 
     def lookup(self, strings: np.ndarray | list[str]) -> np.ndarray:
-        """``int64`` indices of ``strings``; unknown strings map to 0."""
+        """``int64`` indices of ``strings``; unknown strings map to 0.
+
+        Strings are compared as given: one ending in a NUL character (which numpy's strings would drop) is
+        unknown, since no vocabulary value can end in one.
+        """
+        unknown = None
+        if has_trailing_nul(strings):
+            unknown = np.array([isinstance(s, (str, bytes)) and s[-1:] in ("\x00", b"\x00") for s in strings])
         strings = np.asarray(strings, dtype=str)
         positions = np.searchsorted(self.values, strings)
         clipped = np.minimum(positions, self.values.shape[0] - 1)
         found = self.values[clipped] == strings
+        if unknown is not None:
+            found &= ~unknown.reshape(found.shape)
         return np.where(found, clipped + 1, 0).astype(np.int64)
 
     def to_list(self) -> list[str]:
