@@ -120,3 +120,31 @@ def test_bad_arguments() -> None:
         model.fit(train, "sgd", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no batches"):
         model.fit([], optimizer, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["no_sidecar", "truncated"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path: Path, damage: str) -> None:
+    """A kill between writing checkpoint 2 and its sidecar (or mid-write) must not lose the run: resume from 1."""
+    straight, optimizer, train, _ = _setup()
+    expected = straight.fit(train, optimizer, epochs=3, progress=False)
+    stopped, optimizer, train, _ = _setup()
+    stopped.fit(train, optimizer, epochs=2, checkpoint_dir=tmp_path, progress=False)
+    latest = tmp_path / "checkpoint-epoch0002.pt"
+    if damage == "no_sidecar":
+        (tmp_path / "checkpoint-epoch0002.pt.sha256").unlink()
+    else:
+        latest.write_bytes(latest.read_bytes()[:1000])
+    torch.manual_seed(1234)
+    resumed, optimizer, train, _ = _setup(model_seed=99)
+    with pytest.warns(UserWarning, match="skipping a checkpoint that does not verify"):
+        history = resumed.fit(train, optimizer, epochs=3, checkpoint_dir=tmp_path, progress=False)
+    assert history == expected  # epochs 2 and 3 trained again from checkpoint 1, to the same numbers
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_checkpoint_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    model, optimizer, train, _ = _setup()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir must be a directory"):
+        model.fit(train, optimizer, checkpoint_dir=tmp_path / "file", progress=False)

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,10 @@ class Model(nn.Module, abc.ABC):
         history: list[dict[str, float]] = []
         start_epoch = 0
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if directory is not None and directory.exists() and not directory.is_dir():
+            raise ValueError(f"checkpoint_dir must be a directory, but {directory} is a file")
         if directory is not None and resume:
-            latest = latest_checkpoint(directory)
+            latest = latest_checkpoint(directory, verified=True)
             if latest is not None:
                 state = self.load_checkpoint(latest, optimizer, train)
                 start_epoch, history = int(state["epoch"]), list(state["history"])
@@ -260,21 +263,50 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not digest_path.is_file():
         raise CheckpointError(f"{path} has no checksum file {digest_path.name}: refusing an unverified checkpoint")
     payload = path.read_bytes()
-    if hashlib.sha256(payload).hexdigest() != digest_path.read_text().strip():
+    if hashlib.sha256(payload).hexdigest() != digest_path.read_bytes().strip().decode("ascii", "replace"):
         raise CheckpointError(f"{path} is corrupt: its SHA-256 does not match {digest_path.name}")
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        # weights_only: torch's restricted unpickler, which builds tensors and plain containers and refuses any
+        # other object, so a checkpoint cannot run code even if its sidecar was forged to match.
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or others for foreign payloads
+        raise CheckpointError(f"{path} is not a readable twotower checkpoint: {error}") from error
     if not isinstance(state, dict) or state.get("format") != "twotower.checkpoint/1":
         raise CheckpointError(f"{path} is not a twotower checkpoint")
     return state
 
 
-def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint with the highest epoch in ``directory``, or ``None``."""
+def latest_checkpoint(directory: str | os.PathLike[str], verified: bool = False) -> Path | None:
+    """The checkpoint with the highest epoch in ``directory``, or ``None``.
+
+    Args:
+        directory: where :meth:`Model.fit` writes checkpoints.
+        verified: return the newest checkpoint that also verifies (file and checksum sidecar present and
+            matching, contents a twotower checkpoint), skipping newer ones with a warning: a run killed between
+            writing a checkpoint and its sidecar then resumes from the one before instead of failing.
+
+    Raises:
+        CheckpointError: with ``verified``, when checkpoints exist but none verifies (resuming from scratch
+            would silently overwrite them).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return None
     found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _CHECKPOINT.match(path.name))]
-    return max(found)[1] if found else None
+    if not verified:
+        return max(found)[1] if found else None
+    first_error: CheckpointError | None = None
+    for _, path in sorted(found, reverse=True):
+        try:
+            read_checkpoint(path)
+        except CheckpointError as error:
+            first_error = first_error or error
+            warnings.warn(f"skipping a checkpoint that does not verify: {error}", stacklevel=2)
+            continue
+        return path
+    if first_error is not None:
+        raise first_error
+    return None
 
 
 def _progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterable[Any]:
