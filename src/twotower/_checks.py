@@ -17,10 +17,37 @@ FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def require_tensor(value: Any, name: str) -> torch.Tensor:
-    """Return ``value`` if it is a tensor, else raise a ``TypeError`` naming ``name``."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
+    """Return ``value`` as a tensor: a tensor as it is, a numpy array of numbers or booleans as a tensor sharing
+    its memory (TFRS's layers take numpy arrays); anything else raises a ``TypeError`` naming ``name``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"{name} must be a torch.Tensor (or a numpy array), got {type(value).__name__}")
+
+
+def require_positive_int(value: Any, name: str) -> int:
+    """``value`` as an int if it is a positive integer (not a bool, float or string), else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def require_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a float if it is a real number in ``[low, high]`` (``(low, high]`` with ``low_open``).
+
+    Raises:
+        TypeError: not a number (a bool or string counts as none).
+        ValueError: NaN, or outside the range (infinity is outside any finite bound).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
+    below = number <= low if low_open else number < low
+    if math.isnan(number) or below or number > high:
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return number
 
 
 def require_floating(value: Any, name: str, ndims: Sequence[int]) -> torch.Tensor:
@@ -156,6 +183,11 @@ def encode_ids(ids: Any, name: str, length: int | None = None) -> tuple[torch.Te
         raise ValueError(f"{name} must have {length} entries, got {values.shape[0]}")
     if values.dtype.kind in "iu":
         return torch.as_tensor(values.astype(np.int64)), values
+    if isinstance(ids, (list, tuple)) and ids:
+        kinds = {isinstance(value, (str, bytes)) for value in ids}
+        if len(kinds) > 1:
+            # numpy would turn every integer into its string ("1"), silently a different id.
+            raise TypeError(f"{name} must hold integers or strings, not a mix of both")
     if values.dtype.kind in "USO":
         if values.dtype.kind == "O" and not all(isinstance(v, (str, bytes, int, np.integer)) for v in values):
             raise TypeError(f"{name} must hold integers or strings")

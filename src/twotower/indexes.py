@@ -270,7 +270,7 @@ class TopK(nn.Module, abc.ABC):
     @staticmethod
     def _exclusion_positions(exclusions: Any, num_queries: int, table: IdTable) -> torch.Tensor:
         per_query = _normalize_exclusions(exclusions, num_queries, table.is_string)
-        lengths = np.array([row.shape[0] for row in per_query])
+        lengths = np.array([row.shape[0] for row in per_query], dtype=np.int64)
         flat = np.concatenate(per_query) if per_query else np.zeros(0, dtype=np.int64)
         owner = np.repeat(np.arange(num_queries), lengths)
         which, rows = table.positions_of(flat) if flat.size else (np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -511,10 +511,10 @@ class Streaming(TopK):
         return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Streaming:
-        candidates = require_embeddings(candidates, "candidates", (2,))
+        candidates, values = _check_corpus(candidates, identifiers)
         if identifiers is None:
             return self.index_from_dataset([candidates])
-        return self.index_from_dataset([(identifiers, candidates)])
+        return self.index_from_dataset([(values, candidates)])
 
     def index_from_dataset(self, dataset: Iterable[Any]) -> Streaming:
         """Remember ``dataset`` (batches of embeddings or of ``(ids, embeddings)``); read it once to learn its ids.

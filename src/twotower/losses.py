@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from twotower import _native
-from twotower._checks import require_finite
+from twotower._checks import require_finite, require_tensor
 
 #: The value TFRS adds to a logit to remove it from the softmax: float32's lowest value / 100, so that adding
 #: it to any ordinary logit neither overflows nor stays comparable with real logits.
@@ -32,11 +32,13 @@ Reduction = Literal["sum", "mean"]
 _BLOCK_ELEMENTS = 1 << 21
 
 
-def _check_logits_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_logits_labels(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, labels = require_tensor(logits, "logits"), require_tensor(labels, "labels")
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D [num_queries, num_candidates], got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape:
         raise ValueError(f"labels must have the shape of logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    return logits, labels
 
 
 def sampling_correction_bias(probability: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,10 @@ class SamplingProbabilityCorrection(nn.Module):
 
     def forward(self, logits: torch.Tensor, candidate_sampling_probability: torch.Tensor) -> torch.Tensor:
         """Correct ``logits`` ``[nq, nc]`` with probabilities ``[nc]``; returns ``[nq, nc]``."""
+        logits = require_tensor(logits, "logits")
+        candidate_sampling_probability = require_tensor(
+            candidate_sampling_probability, "candidate_sampling_probability"
+        )
         if logits.ndim != 2:
             raise ValueError(f"logits must be 2-D [num_queries, num_candidates], got shape {tuple(logits.shape)}")
         probability = candidate_sampling_probability
@@ -85,7 +91,10 @@ class RemoveAccidentalHits(nn.Module):
         Returns:
             ``[nq, nc]`` logits with ``MIN_FLOAT`` added at the accidental hits.
         """
-        _check_logits_labels(logits, labels)
+        logits, labels = _check_logits_labels(logits, labels)
+        candidate_ids = require_tensor(candidate_ids, "candidate_ids")
+        if candidate_ids.dtype.is_floating_point or candidate_ids.dtype == torch.bool or candidate_ids.is_complex():
+            raise TypeError(f"candidate_ids must hold integer ids, got dtype {candidate_ids.dtype}")
         if candidate_ids.shape != (logits.shape[1],):
             raise ValueError(f"candidate_ids must have shape ({logits.shape[1]},), got {tuple(candidate_ids.shape)}")
         candidate_ids = candidate_ids.to(logits.device)
@@ -121,7 +130,7 @@ class HardNegativeMining(nn.Module):
             descending order of logit, or the inputs unchanged when every
             negative is kept.
         """
-        _check_logits_labels(logits, labels)
+        logits, labels = _check_logits_labels(logits, labels)
         num_negatives = logits.shape[1] - 1
         n = self.num_hard_negatives
         if n <= 0 or n >= num_negatives:
@@ -157,7 +166,7 @@ class SoftmaxCrossEntropy(nn.Module):
         self, labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Return the scalar loss for ``labels`` and ``logits`` ``[nq, nc]`` and optional weights ``[nq]``."""
-        _check_logits_labels(logits, labels)
+        logits, labels = _check_logits_labels(logits, labels)
         log_probabilities = torch.log_softmax(logits, dim=1)
         return self.reduce(-(labels.to(logits.dtype) * log_probabilities).sum(dim=1), sample_weight)
 

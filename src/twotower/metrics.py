@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from twotower._checks import encode_ids, per_query_ids, require_finite
+from twotower._checks import (
+    encode_ids,
+    per_query_ids,
+    require_embeddings,
+    require_finite,
+    require_floating,
+    require_tensor,
+)
 from twotower.indexes import BruteForce, Ids, Streaming, TopK
 from twotower.losses import MIN_FLOAT
 
@@ -96,16 +103,38 @@ class LossMean(_WeightedMean):
         self._accumulate(loss.reshape(1), None)
 
 
-def _check_batch_inputs(labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
-    """Validate in-batch metric inputs; return the positive column of each row, shape ``[nq]``."""
-    if logits.ndim != 2 or labels.shape != logits.shape:
-        raise ValueError(
-            f"labels and logits must both be [num_queries, num_candidates]; got {tuple(labels.shape)} "
-            f"and {tuple(logits.shape)}"
-        )
-    if sample_weight is not None and sample_weight.reshape(-1).shape != (logits.shape[0],):
-        raise ValueError(f"sample_weight must have shape ({logits.shape[0]},), got {tuple(sample_weight.shape)}")
-    return labels.argmax(dim=1)
+def _check_batch_inputs(
+    labels: Any, logits: Any, sample_weight: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate in-batch metric inputs.
+
+    Returns:
+        ``(labels, logits, positive column of each row [nq], sample_weight)`` as tensors.
+    """
+    labels, logits = require_tensor(labels, "labels"), require_tensor(logits, "logits")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [num_queries, num_candidates], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape:
+        raise ValueError(f"labels must have the shape of logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if logits.dtype.is_floating_point and bool(torch.isnan(logits).any()):
+        raise ValueError("logits contain NaN")
+    weights = None if sample_weight is None else check_sample_weight(sample_weight, logits.shape[0])
+    return labels, logits, labels.argmax(dim=1), weights
+
+
+def check_sample_weight(sample_weight: Any, num_rows: int) -> torch.Tensor:
+    """``sample_weight`` as a finite, non-negative ``[num_rows]`` tensor (``[num_rows, 1]`` is squeezed)."""
+    weights = require_tensor(sample_weight, "sample_weight")
+    if weights.dtype == torch.bool or weights.is_complex():
+        raise TypeError(f"sample_weight must hold real numbers, got dtype {weights.dtype}")
+    if weights.ndim == 2 and weights.shape[1] == 1:
+        weights = weights[:, 0]
+    if weights.shape != (num_rows,):
+        raise ValueError(f"sample_weight must have shape ({num_rows},), got {tuple(weights.shape)}")
+    require_finite(weights.to(torch.float64), "sample_weight")
+    if bool((weights < 0).any()):
+        raise ValueError("sample_weight must be non-negative")
+    return weights
 
 
 class BatchTopKAccuracy(_WeightedMean):
@@ -124,7 +153,7 @@ class BatchTopKAccuracy(_WeightedMean):
 
     def update(self, labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None = None) -> None:
         """Update with ``labels`` and ``logits`` ``[nq, nc]`` and optional ``sample_weight`` ``[nq]``."""
-        positive_column = _check_batch_inputs(labels, logits, sample_weight)
+        labels, logits, positive_column, sample_weight = _check_batch_inputs(labels, logits, sample_weight)
         logits = logits.detach()
         positive_logit = logits.gather(1, positive_column[:, None])
         num_above = (logits > positive_logit).sum(dim=1)
@@ -147,7 +176,7 @@ class BatchAUC(_WeightedMean):
 
     def update(self, labels: torch.Tensor, logits: torch.Tensor, sample_weight: torch.Tensor | None = None) -> None:
         """Update with ``labels`` and ``logits`` ``[nq, nc]`` and optional ``sample_weight`` ``[nq]``."""
-        positive_column = _check_batch_inputs(labels, logits, sample_weight)
+        labels, logits, positive_column, sample_weight = _check_batch_inputs(labels, logits, sample_weight)
         logits = logits.detach()
         positive_logit = logits.gather(1, positive_column[:, None])
         is_negative = torch.ones_like(logits, dtype=torch.bool)
@@ -181,25 +210,38 @@ class FactorizedMetric(RetrievalMetric):
         """Rank the corpus for each query and accumulate the metric."""
 
 
+def check_query_embeddings(query_embeddings: Any, index: TopK) -> torch.Tensor:
+    """``query_embeddings`` as a finite ``[nq, d]`` floating tensor of the index's dimension, or an error naming it."""
+    queries = require_embeddings(query_embeddings, "query_embeddings", (2,))
+    if index.num_candidates and queries.shape[1] != index.dimension:
+        raise ValueError(
+            f"query_embeddings have dimension {queries.shape[1]} but the index holds {index.dimension}-d candidates"
+        )
+    require_finite(queries, "query_embeddings")
+    return queries
+
+
 def check_factorized_inputs(
-    query_embeddings: torch.Tensor,
-    true_candidate_embeddings: torch.Tensor,
-    sample_weight: torch.Tensor | None,
-) -> None:
-    """Validate the arguments of :meth:`FactorizedMetric.update`."""
-    if query_embeddings.ndim != 2:
-        raise ValueError(f"query_embeddings must be 2-D [nq, d], got shape {tuple(query_embeddings.shape)}")
-    if true_candidate_embeddings.shape != query_embeddings.shape:
+    query_embeddings: Any,
+    true_candidate_embeddings: Any,
+    sample_weight: Any,
+    index: TopK | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate the arguments of :meth:`FactorizedMetric.update`; returns them as tensors."""
+    if index is not None:
+        queries = check_query_embeddings(query_embeddings, index)
+    else:
+        queries = require_embeddings(query_embeddings, "query_embeddings", (2,))
+        require_finite(queries, "query_embeddings")
+    true_candidates = require_floating(true_candidate_embeddings, "true_candidate_embeddings", (2,))
+    if true_candidates.shape != queries.shape:
         raise ValueError(
-            f"true_candidate_embeddings must have the shape of query_embeddings {tuple(query_embeddings.shape)}, "
-            f"got {tuple(true_candidate_embeddings.shape)}"
+            f"true_candidate_embeddings must have the shape of query_embeddings {tuple(queries.shape)}, "
+            f"got {tuple(true_candidates.shape)}"
         )
-    require_finite(query_embeddings, "query_embeddings")
-    require_finite(true_candidate_embeddings, "true_candidate_embeddings")
-    if sample_weight is not None and sample_weight.reshape(-1).shape != (query_embeddings.shape[0],):
-        raise ValueError(
-            f"sample_weight must have shape ({query_embeddings.shape[0]},), got {tuple(sample_weight.shape)}"
-        )
+    require_finite(true_candidates, "true_candidate_embeddings")
+    weights = None if sample_weight is None else check_sample_weight(sample_weight, queries.shape[0])
+    return queries, true_candidates, weights
 
 
 def _weights_or_ones(sample_weight: torch.Tensor | None, num_rows: int) -> torch.Tensor:
@@ -297,7 +339,9 @@ class FactorizedTopK(FactorizedMetric, _WeightedMeans):
         sample_weight: torch.Tensor | None = None,
     ) -> None:
         """Retrieve the top ``max(ks)`` for each query ``[nq, d]`` and count hits (see the class docstring)."""
-        check_factorized_inputs(query_embeddings, true_candidate_embeddings, sample_weight)
+        query_embeddings, true_candidate_embeddings, sample_weight = check_factorized_inputs(
+            query_embeddings, true_candidate_embeddings, sample_weight, self.index
+        )
         num_queries = query_embeddings.shape[0]
         weights = _weights_or_ones(sample_weight, num_queries)
         k_max = max(self.ks)
@@ -398,11 +442,16 @@ class CorpusRanking(_WeightedMeans):
             exclusions: per query, ids to leave out of the ranking (same forms), or ``None``.
             sample_weight: ``[nq]`` non-negative weights.
         """
-        if query_embeddings.ndim != 2:
-            raise ValueError(f"query_embeddings must be 2-D [nq, d], got shape {tuple(query_embeddings.shape)}")
+        query_embeddings = check_query_embeddings(query_embeddings, self.index)
         num_queries = query_embeddings.shape[0]
         relevant = per_query_ids(relevant_ids, num_queries, "relevant_ids")
-        weights = _weights_or_ones(sample_weight, num_queries)
+        for row in relevant:
+            if row.size and (row.dtype.kind in "USO") != self.index.ids.is_string:
+                kind = "strings" if self.index.ids.is_string else "integers"
+                raise TypeError(f"relevant_ids must hold {kind}, like the index's identifiers, got dtype {row.dtype}")
+        weights = _weights_or_ones(
+            None if sample_weight is None else check_sample_weight(sample_weight, num_queries), num_queries
+        )
         k_max = max(self.ks)
         if exclusions is None:
             _, retrieved = self.index(query_embeddings, k=k_max)

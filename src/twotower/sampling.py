@@ -25,18 +25,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower._checks import encode_ids, require_finite
+from twotower._checks import encode_ids, require_finite, require_number, require_positive_int, require_tensor
 
 
-def _as_int_ids(ids: Any, name: str) -> torch.Tensor:
+def _as_int_ids(ids: Any, name: str, num_items: int | None = None) -> torch.Tensor:
+    """``ids`` as a 1-D int64 CPU tensor; with ``num_items``, each must lie in ``[0, num_items)``."""
     if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}")
-        return ids.reshape(-1).to(torch.int64).cpu()
-    values = np.asarray(ids)
-    if values.dtype.kind not in "iu":
-        raise TypeError(f"{name} must hold integer ids (hash strings first), got dtype {values.dtype}")
-    return torch.as_tensor(values.reshape(-1).astype(np.int64))
+        checked = ids.reshape(-1).to(torch.int64).cpu()
+    else:
+        try:
+            values = np.asarray(ids)
+        except ValueError as error:
+            raise ValueError(f"{name} must be a sequence of integer ids: {error}") from error
+        if values.dtype.kind not in "iu" and values.size:
+            raise TypeError(f"{name} must hold integer ids (hash strings first), got dtype {values.dtype}")
+        checked = torch.as_tensor(values.reshape(-1).astype(np.int64))
+    if num_items is not None and checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= num_items):
+        raise ValueError(f"{name} must lie in [0, {num_items}), got {int(checked.min())}..{int(checked.max())}")
+    return checked
 
 
 class StreamingFrequencyEstimator:
@@ -58,12 +66,9 @@ class StreamingFrequencyEstimator:
     """
 
     def __init__(self, num_buckets: int = 1 << 20, alpha: float = 0.01, initial_gap: float = 100.0) -> None:
-        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
-            raise ValueError(f"num_buckets must be a positive int, got {num_buckets!r}")
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
-        if not initial_gap >= 1:
-            raise ValueError(f"initial_gap must be >= 1, got {initial_gap}")
+        num_buckets = require_positive_int(num_buckets, "num_buckets")
+        alpha = require_number(alpha, "alpha", 0.0, 1.0, low_open=True)
+        initial_gap = require_number(initial_gap, "initial_gap", 1.0, float(np.finfo(np.float64).max))
         self.num_buckets, self.alpha = num_buckets, alpha
         self.last_step = torch.zeros(num_buckets, dtype=torch.float64)
         self.average_gap = torch.full((num_buckets,), float(initial_gap), dtype=torch.float64)
@@ -103,20 +108,13 @@ class CountingEstimator:
     """
 
     def __init__(self, num_items: int, min_count: float = 0.5) -> None:
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
-            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
-        if not min_count > 0:
-            raise ValueError(f"min_count must be > 0, got {min_count}")
+        num_items = require_positive_int(num_items, "num_items")
+        min_count = require_number(min_count, "min_count", 0.0, float(np.finfo(np.float64).max), low_open=True)
         self.counts = torch.zeros(num_items, dtype=torch.float64)
         self.min_count = min_count
 
     def _check(self, ids: Any) -> torch.Tensor:
-        checked = _as_int_ids(ids, "ids")
-        if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= self.counts.shape[0]):
-            raise ValueError(
-                f"ids must lie in [0, {self.counts.shape[0]}), got {int(checked.min())}..{int(checked.max())}"
-            )
-        return checked
+        return _as_int_ids(ids, "ids", int(self.counts.shape[0]))
 
     def update(self, ids: Any) -> torch.Tensor:
         """Record a batch of ids ``[b]``; returns their inclusion probabilities ``[b]`` for a batch of ``b``."""
@@ -131,6 +129,7 @@ class CountingEstimator:
 
     def probability(self, ids: Any, batch_size: int) -> torch.Tensor:
         """Probability ``[b]`` that each id is among ``batch_size`` draws."""
+        batch_size = require_positive_int(batch_size, "batch_size")
         ids = self._check(ids)
         frequency = self.frequencies()[ids]
         return (1.0 - (1.0 - frequency) ** batch_size).clamp(1e-9, 1.0).to(torch.float32)
@@ -174,7 +173,8 @@ class _Sampler:
 
     def inclusion(self, ids: Any, num_samples: int, unique: bool = False) -> torch.Tensor:
         """Probability ``[b]`` that each of ``ids`` is among ``num_samples`` draws of this sampler."""
-        ids = _as_int_ids(ids, "ids")
+        num_samples = require_positive_int(num_samples, "num_samples")
+        ids = _as_int_ids(ids, "ids", self.num_items)
         if unique:
             return torch.full(ids.shape, min(1.0, num_samples / self.num_items), dtype=torch.float32)
         per_draw = self.probabilities[ids]
@@ -185,8 +185,7 @@ class UniformSampler(_Sampler):
     """Every item of the corpus equally likely (``unique=True`` draws without replacement)."""
 
     def __init__(self, num_items: int) -> None:
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
-            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+        num_items = require_positive_int(num_items, "num_items")
         super().__init__(torch.full((num_items,), 1.0 / num_items, dtype=torch.float64), unique_allowed=True)
 
 
@@ -199,17 +198,25 @@ class PopularitySampler(_Sampler):
     """
 
     def __init__(self, counts: Sequence[float] | torch.Tensor | np.ndarray, alpha: float = 0.75) -> None:
-        weights = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+        try:
+            array = counts.detach().cpu().numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts)
+            weights = torch.as_tensor(array.astype(np.float64))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"counts must be a sequence of numbers: {error}") from error
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"counts must hold numbers, got dtype {array.dtype}")
         if weights.ndim != 1 or weights.numel() == 0:
             raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(weights.shape)}")
         require_finite(weights, "counts")
         if bool((weights < 0).any()):
             raise ValueError("counts must be non-negative")
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        # A finite exponent: counts ** inf is 0 or inf, which no sampling distribution is.
+        alpha = require_number(alpha, "alpha", 0.0, 64.0)
         weights = weights**alpha
         if float(weights.sum()) <= 0:
             raise ValueError("counts must not all be zero")
+        if not bool(torch.isfinite(weights.sum())):
+            raise ValueError(f"counts ** alpha overflows float64 (alpha {alpha}): use a smaller alpha")
         super().__init__(weights / weights.sum(), unique_allowed=False)
 
 
@@ -219,10 +226,20 @@ def mixed_inclusion_probability(in_batch: torch.Tensor, sampled: torch.Tensor) -
     The two draws are independent: ``1 - (1 - q) (1 - s)`` with ``q`` the in-batch inclusion probability and
     ``s`` the sampler's, elementwise (shapes broadcast).
     """
+    in_batch, sampled = require_tensor(in_batch, "in_batch"), require_tensor(sampled, "sampled")
     for name, value in (("in_batch", in_batch), ("sampled", sampled)):
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must hold probabilities (a floating-point tensor), got dtype {value.dtype}")
         require_finite(value, name)
         if bool(((value < 0) | (value > 1)).any()):
             raise ValueError(f"{name} probabilities must lie in [0, 1]")
+    try:
+        torch.broadcast_shapes(in_batch.shape, sampled.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"in_batch and sampled must have broadcastable shapes, got {tuple(in_batch.shape)} and "
+            f"{tuple(sampled.shape)}"
+        ) from None
     return (1.0 - (1.0 - in_batch) * (1.0 - sampled)).clamp(min=1e-9)
 
 

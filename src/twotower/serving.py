@@ -403,7 +403,8 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
         user_id: str = Field(min_length=1, max_length=256, description="the query (user) id")
         k: int = Field(default=10, ge=1, le=MAX_K, description="how many items")
         exclude: list[str] = Field(default_factory=list, max_length=MAX_EXCLUSIONS, description="ids to leave out")
-        exclude_seen: bool = Field(default=True, description="also leave out the user's training items")
+        # strict: true or false only, not the strings "yes" / "no" that pydantic would read as booleans
+        exclude_seen: bool = Field(default=True, strict=True, description="also leave out the user's training items")
 
         @field_validator("user_id")
         @classmethod

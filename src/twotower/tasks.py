@@ -346,6 +346,11 @@ class Retrieval(nn.Module):
         Returns:
             The scalar loss, differentiable with respect to both embeddings.
         """
+        # numpy arrays (as TFRS's layers take them) become tensors once, here.
+        if isinstance(query_embeddings, np.ndarray):
+            query_embeddings = require_floating(query_embeddings, "query_embeddings", (2, 3))
+        if isinstance(candidate_embeddings, np.ndarray):
+            candidate_embeddings = require_floating(candidate_embeddings, "candidate_embeddings", (2,))
         local_candidates, local_ids = candidate_embeddings, candidate_ids
         cross_rank = self._cross_rank()
         if cross_rank:

@@ -121,7 +121,7 @@ class Vocabulary:
         refuse_trailing_nul(values, "values")
         self.values = np.unique(np.asarray(values, dtype=str))
         if self.values.size == 0:
-            raise ValueError("a vocabulary needs at least one value")
+            raise ValueError("values must hold at least one value: a vocabulary cannot be empty")
 
     def __len__(self) -> int:
         return int(self.values.shape[0]) + 1
