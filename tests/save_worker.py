@@ -33,7 +33,9 @@ def main() -> None:
     number = 0
     while True:
         model, prepared, results, config = runs[number % 2]
+        print(f"start {number}", flush=True)
         save_run(directory, model, prepared, results, config)
+        print(f"done {number}", flush=True)
         number += 1
 
 

@@ -47,11 +47,15 @@ def test_killing_save_run_never_loses_the_run(tmp_path: Path) -> None:
         )
         assert child.stdout is not None
         assert child.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 2.5 * duration))  # somewhere in the first saves, at a random instant
+        # A random instant inside the child's first or second save (the second replaces the child's first).
+        target = rng.choice([0, 1])
+        while child.stdout.readline().strip() != f"start {target}".encode():
+            pass
+        time.sleep(rng.uniform(0.0, duration))
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
         seen_seeds.add(_saved_seed(directory))
-    assert seen_seeds - {0}, seen_seeds  # some kills came after a child's save had replaced the run
+    assert seen_seeds - {0}, seen_seeds  # some kills came after the child's first save had replaced the run
     save_run(directory, *variant(3))
     assert _saved_seed(directory) == 3
     leftovers = [entry.name for entry in tmp_path.iterdir() if entry.name != "quickstart"]

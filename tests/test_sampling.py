@@ -208,7 +208,7 @@ class TestBadInput:
             CountingEstimator(3).update([3])
 
     def test_samplers(self) -> None:
-        with pytest.raises(ValueError, match="alpha must be >= 0"):
+        with pytest.raises(ValueError, match=r"alpha must lie in \[0.0, 64.0\]"):
             PopularitySampler([1.0, 2.0], alpha=-0.5)
         with pytest.raises(ValueError, match="non-negative"):
             PopularitySampler([1.0, -2.0])

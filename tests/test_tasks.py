@@ -394,6 +394,15 @@ def test_gradient_matches_closed_form() -> None:
 class TestBadInput:
     queries, candidates = _random(3, 4)
 
+    def test_numpy_embeddings_give_the_tensor_loss(self) -> None:
+        """TFRS's task takes numpy arrays; so does this one, with the same loss."""
+        expected = float(Retrieval()(self.queries, self.candidates))
+        assert float(Retrieval()(self.queries.numpy(), self.candidates.numpy())) == expected
+
+    def test_zero_dimensional_embeddings_are_refused(self) -> None:
+        with pytest.raises(ValueError, match="query_embeddings must have at least one embedding dimension"):
+            Retrieval()(torch.zeros(3, 0), torch.zeros(3, 0))
+
     @pytest.mark.parametrize(
         ("kwargs", "error", "message"),
         [
@@ -419,7 +428,7 @@ class TestBadInput:
             ((queries, candidates[:, :2]), {}, ValueError, "embedding dimension"),
             ((queries, candidates[:2]), {}, ValueError, "at least as many rows"),
             ((queries[:0], candidates), {}, ValueError, "at least one query"),
-            ((queries.numpy(), candidates), {}, TypeError, "query_embeddings must be a torch.Tensor"),
+            ((queries.tolist(), candidates), {}, TypeError, "query_embeddings must be a torch.Tensor"),
             ((queries.long(), candidates), {}, TypeError, "floating-point"),
             ((queries.double(), candidates), {}, TypeError, "share a dtype"),
             ((queries[0], candidates), {}, ValueError, "query_embeddings must have 2 or 3 dimensions"),

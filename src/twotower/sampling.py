@@ -234,7 +234,7 @@ def mixed_inclusion_probability(in_batch: torch.Tensor, sampled: torch.Tensor) -
         if bool(((value < 0) | (value > 1)).any()):
             raise ValueError(f"{name} probabilities must lie in [0, 1]")
     try:
-        torch.broadcast_shapes(in_batch.shape, sampled.shape)
+        torch.broadcast_shapes(in_batch.shape, sampled.shape)  # type: ignore[no-untyped-call]
     except RuntimeError:
         raise ValueError(
             f"in_batch and sampled must have broadcastable shapes, got {tuple(in_batch.shape)} and "

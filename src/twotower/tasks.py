@@ -22,9 +22,11 @@ from twotower._checks import (
     as_float_vector,
     encode_ids,
     per_query_ids,
+    require_embeddings,
     require_finite,
     require_floating,
     require_shape,
+    require_tensor,
 )
 from twotower.losses import (
     MIN_FLOAT,
@@ -316,8 +318,8 @@ class Retrieval(nn.Module):
 
     def forward(
         self,
-        query_embeddings: torch.Tensor,
-        candidate_embeddings: torch.Tensor,
+        query_embeddings: torch.Tensor | np.ndarray,
+        candidate_embeddings: torch.Tensor | np.ndarray,
         sample_weight: Any = None,
         candidate_sampling_probability: Any = None,
         candidate_ids: Any = None,
@@ -347,10 +349,8 @@ class Retrieval(nn.Module):
             The scalar loss, differentiable with respect to both embeddings.
         """
         # numpy arrays (as TFRS's layers take them) become tensors once, here.
-        if isinstance(query_embeddings, np.ndarray):
-            query_embeddings = require_floating(query_embeddings, "query_embeddings", (2, 3))
-        if isinstance(candidate_embeddings, np.ndarray):
-            candidate_embeddings = require_floating(candidate_embeddings, "candidate_embeddings", (2,))
+        query_embeddings = require_tensor(query_embeddings, "query_embeddings")
+        candidate_embeddings = require_tensor(candidate_embeddings, "candidate_embeddings")
         local_candidates, local_ids = candidate_embeddings, candidate_ids
         cross_rank = self._cross_rank()
         if cross_rank:
@@ -542,8 +542,8 @@ class Retrieval(nn.Module):
     def _check_embeddings(
         self, query_embeddings: torch.Tensor, candidate_embeddings: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = require_floating(query_embeddings, "query_embeddings", (2, 3))
-        candidates = require_floating(candidate_embeddings, "candidate_embeddings", (2,))
+        queries = require_embeddings(query_embeddings, "query_embeddings", (2, 3))
+        candidates = require_embeddings(candidate_embeddings, "candidate_embeddings", (2,))
         if queries.dtype != candidates.dtype:
             raise TypeError(
                 f"query_embeddings and candidate_embeddings must share a dtype, got {queries.dtype} "
