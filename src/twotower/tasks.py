@@ -24,7 +24,6 @@ from twotower._checks import (
     per_query_ids,
     require_embeddings,
     require_finite,
-    require_floating,
     require_shape,
     require_tensor,
 )
