@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from twotower import _native
@@ -277,22 +278,33 @@ def _split(offset: int, chunk: torch.Tensor, size: int) -> Iterator[tuple[int, t
         yield offset + start, chunk[start : start + size]
 
 
-def magnitude_shifts(values: torch.Tensor) -> torch.Tensor:
+def magnitude_shifts(values: torch.Tensor) -> torch.Tensor | None:
     """Per-row powers of two that bring each row of ``values`` ``[n, d]`` into the range the scan is exact in.
 
     Returns:
-        ``[n]`` int32 exponents ``e``: 0 where the row's largest magnitude ``m`` has ``|log2 m| <= 40`` (float32;
-        400 for float64) or is 0, else ``-exponent(m)``, so that ``ldexp(row, e)`` has its largest magnitude in
-        ``[0.5, 1)``. Multiplying by a power of two is exact (no rounding) for finite values in range, so the
-        shifted scan ranks exactly as an infinitely wide exponent would.
+        ``None`` when every row's largest magnitude ``m`` is 0 or has ``|log2 m| <= 40`` (float32; 400 for float64),
+        as for any ordinary embeddings; else ``[n]`` int32 exponents ``e``: 0 for such rows, ``-exponent(m)`` for
+        the others, so that ``ldexp(row, e)`` has its largest magnitude in ``[0.5, 1)``. Multiplying by a power of
+        two is exact (no rounding) for finite values in range, so the shifted scan ranks exactly as an infinitely
+        wide exponent would.
     """
     limit = _SAFE_EXPONENT.get(values.dtype, _SAFE_EXPONENT[torch.float32])
-    if values.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int32, device=values.device)
-    largest = values.detach().abs().amax(dim=1)
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        return None
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        # numpy for the check: a few microseconds, where the same torch operations cost tens (one query per call
+        # against a small corpus is a search of about a hundred microseconds).
+        largest_np = np.abs(values.detach().numpy()).max(axis=1)
+        high, low = float(largest_np.max()), float(np.where(largest_np > 0, largest_np, 1.0).min())
+        if high <= 2.0**limit and low >= 2.0**-limit:
+            return None
+        largest = torch.from_numpy(largest_np)
+    else:
+        largest = values.detach().abs().amax(dim=1)
     _, exponent = torch.frexp(largest)
     exponent = torch.where(largest > 0, exponent, torch.zeros_like(exponent))
-    return torch.where(exponent.abs() > limit, -exponent, torch.zeros_like(exponent))
+    shifts = torch.where(exponent.abs() > limit, -exponent, torch.zeros_like(exponent))
+    return shifts if bool(shifts.any()) else None
 
 
 def corpus_shift(candidates: torch.Tensor) -> int:
@@ -300,24 +312,27 @@ def corpus_shift(candidates: torch.Tensor) -> int:
     if candidates.numel() == 0:
         return 0
     largest = candidates.detach().abs().amax().reshape(1, 1)
-    return int(magnitude_shifts(largest.to(candidates.dtype))[0])
+    shifts = magnitude_shifts(largest.to(candidates.dtype))
+    return 0 if shifts is None else int(shifts[0])
 
 
-def shift_rows(values: torch.Tensor, shifts: torch.Tensor | int) -> torch.Tensor:
-    """``values * 2**shifts`` (exact), per row for a tensor of shifts; ``values`` itself when every shift is 0."""
-    if isinstance(shifts, int):
-        return values if shifts == 0 else torch.ldexp(values, torch.tensor(shifts, dtype=torch.int32)).to(values.dtype)
-    if not bool(shifts.any()):
+def shift_rows(values: torch.Tensor, shifts: torch.Tensor | int | None) -> torch.Tensor:
+    """``values * 2**shifts`` (exact), per row for a tensor of shifts; ``values`` itself for ``None`` or 0."""
+    if shifts is None or (isinstance(shifts, int) and shifts == 0):
         return values
+    if isinstance(shifts, int):
+        return torch.ldexp(values, torch.tensor(shifts, dtype=torch.int32)).to(values.dtype)
     return torch.ldexp(values, shifts.to(values.device)[:, None]).to(values.dtype)
 
 
-def unshift_scores(scores: torch.Tensor, query_shifts: torch.Tensor, candidate_shift: int) -> torch.Tensor:
+def unshift_scores(scores: torch.Tensor, query_shifts: torch.Tensor | None, candidate_shift: int) -> torch.Tensor:
     """Scores of shifted inputs ``[nq, k]`` back to the scale of the caller's inputs, rounded once to their dtype
     (a true score beyond the dtype's range becomes +-inf or 0, as the unshifted arithmetic would give it)."""
-    total = query_shifts.to(scores.device, torch.int64) + candidate_shift
-    if not bool(total.any()):
+    if query_shifts is None and candidate_shift == 0:
         return scores
+    total = torch.full((scores.shape[0],), candidate_shift, dtype=torch.int64, device=scores.device)
+    if query_shifts is not None:
+        total = total + query_shifts.to(scores.device, torch.int64)
     wide = torch.ldexp(scores.to(torch.float64), -total.to(torch.float64)[:, None])
     return wide.to(scores.dtype)
 
