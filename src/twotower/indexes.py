@@ -275,6 +275,11 @@ class TopK(nn.Module, abc.ABC):
         owner = np.repeat(np.arange(num_queries), lengths)
         which, rows = table.positions_of(flat) if flat.size else (np.zeros(0, np.int64), np.zeros(0, np.int64))
         query_of = owner[which]
+        if query_of.size:
+            # Each excluded row once per query: a request repeating one id 10,000 times excludes one row, and
+            # costs one (an approximate index retrieves k plus this many).
+            keys = np.unique(query_of * len(table) + rows)
+            query_of, rows = keys // len(table), keys % len(table)
         counts = np.bincount(query_of, minlength=num_queries)
         width = int(counts.max()) if counts.size else 0
         positions = np.full((num_queries, max(width, 1)), -1, dtype=np.int64)
