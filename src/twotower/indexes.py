@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +34,27 @@ from torch import nn
 from twotower import _topk
 from twotower._checks import encode_ids, per_query_ids, require_embeddings, require_finite, require_floating
 from twotower._files import atomic_write
+
+
+class _BuiltState(Protocol):
+    """What every index's built state holds."""
+
+    @property
+    def ids(self) -> IdTable: ...
+
+    @property
+    def count(self) -> int: ...
+
+
+class _ShiftedState(_BuiltState, Protocol):
+    """An exact index's built state: its scan runs on inputs multiplied by ``2**shift``."""
+
+    @property
+    def shift(self) -> int: ...
+
+
+_Corpus = TypeVar("_Corpus", bound=_BuiltState)
+_ExactState = TypeVar("_ExactState", bound=_ShiftedState)
 
 #: Ids returned by an index: an ``int64`` tensor ``[nq, k]`` or, for string ids, a numpy array ``[nq, k]``.
 Ids: TypeAlias = "torch.Tensor | np.ndarray"
@@ -330,6 +351,54 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class _SnapshotIndex(TopK, Generic[_Corpus]):
+    """An index whose built state is one immutable object (``_corpus``), replaced whole by ``index()``: a query
+    takes it once (:meth:`_snapshot`), so a concurrent ``index()`` cannot mix the ids of one corpus with the
+    scores of another."""
+
+    def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
+        super().__init__(k, query_model)
+        self._corpus: _Corpus | None = None
+
+    def _built(self) -> _Corpus:
+        corpus = self._corpus
+        if corpus is None:
+            raise RuntimeError(f"{type(self).__name__} has not been built: call index(...) or index_from_dataset(...)")
+        return corpus
+
+    def _snapshot(self) -> _Corpus:
+        return self._built()
+
+    @property
+    def ids(self) -> IdTable:
+        return self._built().ids
+
+    @property
+    def num_candidates(self) -> int:
+        corpus = self._corpus
+        return 0 if corpus is None else corpus.count
+
+    def _search(
+        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._search_snapshot(self._built(), queries, k, exclusions)
+
+
+class _ExactSnapshotIndex(_SnapshotIndex[_ExactState]):
+    """The exact indexes: the corpus scan runs on inputs shifted by ``_corpus.shift`` (a power of two)."""
+
+    def is_exact(self) -> bool:
+        return True
+
+    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(queries.dtype)
+        corpus = self._corpus
+        shift = 0 if corpus is None else int(corpus.shift)
+        return _topk.pair_scores(
+            queries.detach().to(dtype), candidates.detach().to(device=queries.device, dtype=dtype), shift
+        )
+
+
 @dataclass(frozen=True)
 class _ExactCorpus:
     """The built state of a :class:`BruteForce` index, replaced whole by ``index()`` (never modified)."""
@@ -349,7 +418,7 @@ class _ExactCorpus:
         return int(self.candidates.shape[0])
 
 
-class BruteForce(TopK):
+class BruteForce(_ExactSnapshotIndex[_ExactCorpus]):
     """Exact search over candidates held in memory, with the chunked top-K kernel.
 
     Safe to query from several threads while another calls :meth:`index`: each query reads one snapshot of the
@@ -360,13 +429,6 @@ class BruteForce(TopK):
         query_model: optional module applied to raw query features.
     """
 
-    def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
-        super().__init__(k, query_model)
-        self._corpus: _ExactCorpus | None = None
-
-    def is_exact(self) -> bool:
-        return True
-
     @property
     def candidates(self) -> torch.Tensor | None:
         """``[n, d]`` the indexed corpus, or ``None`` before :meth:`index`."""
@@ -374,26 +436,8 @@ class BruteForce(TopK):
         return None if corpus is None else corpus.candidates
 
     @property
-    def ids(self) -> IdTable:
-        return self._built().ids
-
-    @property
-    def num_candidates(self) -> int:
-        corpus = self._corpus
-        return 0 if corpus is None else corpus.count
-
-    @property
     def dimension(self) -> int:
         return int(self._built().candidates.shape[1])
-
-    def _built(self) -> _ExactCorpus:
-        corpus = self._corpus
-        if corpus is None:
-            raise RuntimeError("BruteForce has not been built: call index(...) or index_from_dataset(...)")
-        return corpus
-
-    def _snapshot(self) -> _ExactCorpus:
-        return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> BruteForce:
         candidates, values = _check_corpus(candidates, identifiers)
@@ -403,19 +447,6 @@ class BruteForce(TopK):
         # One assignment: a query running meanwhile keeps the snapshot it took.
         self._corpus = _ExactCorpus(IdTable(values), candidates, shift, scan, {})
         return self
-
-    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(queries.dtype)
-        corpus = self._corpus
-        shift = 0 if corpus is None else corpus.shift
-        return _topk.pair_scores(
-            queries.detach().to(dtype), candidates.detach().to(device=queries.device, dtype=dtype), shift
-        )
-
-    def _search(
-        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._search_snapshot(self._built(), queries, k, exclusions)
 
     def _search_snapshot(
         self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
@@ -468,7 +499,7 @@ class _StreamingCorpus:
     shift: int
 
 
-class Streaming(TopK):
+class Streaming(_ExactSnapshotIndex[_StreamingCorpus]):
     """Exact search over candidates read batch by batch from an iterable on every query.
 
     Only a running top-k per query is kept, so the corpus can be larger than memory: pass an iterable that can be
@@ -479,13 +510,6 @@ class Streaming(TopK):
         query_model: optional module applied to raw query features.
     """
 
-    def __init__(self, k: int = 10, query_model: nn.Module | Callable[[Any], torch.Tensor] | None = None) -> None:
-        super().__init__(k, query_model)
-        self._corpus: _StreamingCorpus | None = None
-
-    def is_exact(self) -> bool:
-        return True
-
     @property
     def dataset(self) -> Iterable[Any] | None:
         """The iterable of candidate batches, or ``None`` before it is indexed."""
@@ -493,27 +517,9 @@ class Streaming(TopK):
         return None if corpus is None else corpus.dataset
 
     @property
-    def ids(self) -> IdTable:
-        return self._built().ids
-
-    @property
-    def num_candidates(self) -> int:
-        corpus = self._corpus
-        return 0 if corpus is None else corpus.count
-
-    @property
     def dimension(self) -> int:
         corpus = self._corpus
         return 0 if corpus is None else corpus.dimension
-
-    def _built(self) -> _StreamingCorpus:
-        corpus = self._corpus
-        if corpus is None:
-            raise RuntimeError("Streaming has not been built: call index(...) or index_from_dataset(...)")
-        return corpus
-
-    def _snapshot(self) -> _StreamingCorpus:
-        return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Streaming:
         candidates, values = _check_corpus(candidates, identifiers)
@@ -551,19 +557,6 @@ class Streaming(TopK):
         shift = _topk.corpus_shift(torch.tensor([[largest]], dtype=torch.float64).to(torch.float32))
         self._corpus = _StreamingCorpus(IdTable(values), dataset, count, dimension, shift)
         return self
-
-    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(queries.dtype)
-        corpus = self._corpus
-        shift = 0 if corpus is None else corpus.shift
-        return _topk.pair_scores(
-            queries.detach().to(dtype), candidates.detach().to(device=queries.device, dtype=dtype), shift
-        )
-
-    def _search(
-        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._search_snapshot(self._built(), queries, k, exclusions)
 
     def _search_snapshot(
         self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
@@ -719,7 +712,7 @@ class _FaissCorpus:
     parameters: dict[tuple[int | None, int | None, int | None], tuple[Any, list[tuple[str, Any]]]]
 
 
-class Faiss(TopK):
+class Faiss(_SnapshotIndex[_FaissCorpus]):
     """Approximate top-K with FAISS, by inner product, behind the same interface as the exact indexes.
 
     Args:
@@ -765,19 +758,9 @@ class Faiss(TopK):
             _check_optional_positive(ef_search, "ef_search"),
         )
         self.k_factor = _check_optional_positive(k_factor, "k_factor")
-        self._corpus: _FaissCorpus | None = None
 
     def is_exact(self) -> bool:
         return False
-
-    @property
-    def ids(self) -> IdTable:
-        return self._built().ids
-
-    @property
-    def num_candidates(self) -> int:
-        corpus = self._corpus
-        return 0 if corpus is None else corpus.count
 
     @property
     def dimension(self) -> int:
@@ -787,15 +770,6 @@ class Faiss(TopK):
     def faiss_index(self) -> Any:
         """The underlying FAISS index (read it; changing it while queries run is not safe)."""
         return self._built().index
-
-    def _built(self) -> _FaissCorpus:
-        corpus = self._corpus
-        if corpus is None:
-            raise RuntimeError("Faiss has not been built: call index(...) or index_from_dataset(...)")
-        return corpus
-
-    def _snapshot(self) -> _FaissCorpus:
-        return self._built()
 
     def index(self, candidates: torch.Tensor, identifiers: Any = None) -> Faiss:
         import faiss
@@ -897,11 +871,6 @@ class Faiss(TopK):
             corpus.ids.take_numpy(rows, device),
             _on_device(torch.from_numpy(rows), device),
         )
-
-    def _search(
-        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._search_snapshot(self._built(), queries, k, exclusions)
 
     def _search_snapshot(
         self, snapshot: Any, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
