@@ -137,7 +137,12 @@ def has_trailing_nul(values: Any) -> bool:
         values = values.reshape(-1).tolist()
     elif not isinstance(values, (list, tuple)):
         return False
-    return any(isinstance(value, (str, bytes)) and value[-1:] in ("\x00", b"\x00") for value in values)
+    return any(ends_in_nul(value) for value in values)
+
+
+def ends_in_nul(value: Any) -> bool:
+    """Whether one id is a ``str``/``bytes`` ending in a NUL character (see :func:`has_trailing_nul`)."""
+    return isinstance(value, (str, bytes)) and value[-1:] in ("\x00", b"\x00")
 
 
 def refuse_trailing_nul(values: Any, name: str) -> None:

@@ -35,7 +35,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from twotower._checks import has_trailing_nul
+from twotower._checks import ends_in_nul
 from twotower._files import atomic_write, new_directory_beside, parse_json, read_verified_directory, replace_directory
 from twotower.data.movielens import Vocabulary
 from twotower.indexes import BruteForce, Faiss, TopK
@@ -196,7 +196,7 @@ class Bundle:
                 query = queries[known[slot]]
                 seen = self.seen.get(query.query_id, []) if query.exclude_seen else []
                 # An id ending in NUL is no item's id (none can hold one), and numpy would strip the NUL.
-                exclusions.append([item for item in (*query.exclude, *seen) if not has_trailing_nul([item])])
+                exclusions.append([item for item in (*query.exclude, *seen) if not ends_in_nul(item)])
             scores, items, positions = self.index.query_rows(embeddings[slots], k, exclusions)
             answered = zip(slots, np.asarray(items).tolist(), scores.tolist(), positions.tolist(), strict=True)
             for slot, item_row, score_row, position_row in answered:

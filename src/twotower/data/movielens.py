@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from twotower._checks import has_trailing_nul, refuse_trailing_nul
+from twotower._checks import ends_in_nul, has_trailing_nul, refuse_trailing_nul
 from twotower._files import atomic_write
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
@@ -134,7 +134,7 @@ class Vocabulary:
         """
         unknown = None
         if has_trailing_nul(strings):
-            unknown = np.array([isinstance(s, (str, bytes)) and s[-1:] in ("\x00", b"\x00") for s in strings])
+            unknown = np.array([ends_in_nul(value) for value in strings])
         strings = np.asarray(strings, dtype=str)
         positions = np.searchsorted(self.values, strings)
         clipped = np.minimum(positions, self.values.shape[0] - 1)
