@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from twotower.indexes import BruteForce, Faiss, TopK, recall_at_k
+from twotower.indexes import BruteForce, Faiss, FaissSearchParameters, TopK, recall_at_k
 from twotower.workload import WorkloadConfig, train_and_evaluate
 
 # Per corpus, (factory, build options, per-call settings): each setting is timed on the same built index.
@@ -144,9 +144,15 @@ def compare(
         build_seconds = time.perf_counter() - started
         for setting in settings:
             name = f"{factory} " + " ".join(f"{key}={value}" for key, value in setting.items())
-            recall_10 = recall_at_k(index.search(queries, k=10, **setting)[1], truth[10])
-            recall_100 = recall_at_k(index.search(queries, k=100, **setting)[1], truth[100])
-            batch, single = rates(lambda q, s=setting, i=index: i.search(q, k=100, **s), queries, single_queries)
+            recall_10 = recall_at_k(index.search(queries, k=10, params=FaissSearchParameters(**setting))[1], truth[10])
+            recall_100 = recall_at_k(
+                index.search(queries, k=100, params=FaissSearchParameters(**setting))[1], truth[100]
+            )
+            batch, single = rates(
+                lambda q, s=setting, i=index: i.search(q, k=100, params=FaissSearchParameters(**s)),
+                queries,
+                single_queries,
+            )
             rows.append((name, build_seconds, batch, single, recall_10, recall_100))
         del index
     header = f"{'index':<48}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"

@@ -657,9 +657,10 @@ class LossLayerCall(Entry):
                 "candidate_sampling_probability": [
                     ("nan", torch.full((nc,), math.nan)),
                     ("wrong length", torch.rand(nc + 1)),
-                    ("list", [0.5] * nc),
+                    ("strings", ["0.5"] * nc),
                 ],
-                "logits": [("1-D", torch.zeros(nc)), ("list", logits.tolist())],
+                # (lists of numbers are valid: TFRS's layers take them)
+                "logits": [("1-D", torch.zeros(nc)), ("ragged list", [[0.0], [0.0, 1.0]])],
             }
         elif self.kind == "RemoveAccidentalHits":
             arguments = {
@@ -670,12 +671,12 @@ class LossLayerCall(Entry):
             options = {
                 "candidate_ids": [("wrong length", torch.arange(nc + 1)), ("floats", torch.rand(nc))],
                 "labels": [("wrong shape", torch.eye(nq + 1, nc))],
-                "logits": [("list", logits.tolist())],
+                "logits": [("string", "logits")],
             }
         else:
             arguments = {"logits": logits, "labels": labels}
             options = {
-                "labels": [("wrong shape", torch.eye(nq, nc + 1)), ("list", labels.tolist())],
+                "labels": [("wrong shape", torch.eye(nq, nc + 1)), ("strings", [["1"] * nc] * nq)],
                 "logits": [("1-D", torch.zeros(nc))],
                 "num_hard_negatives": [("float", 1.5), ("string", "2")],
             }

@@ -203,10 +203,10 @@ def test_a_changed_setting_in_the_header_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="corrupt"):
         BruteForce.load(flipped)
     # A file whose checksum holds but whose settings are malformed (written by another tool) is refused by name.
-    from twotower.indexes import _save_index_file
+    from twotower.indexes.files import save_index_file
 
     malformed = tmp_path / "malformed.safetensors"
-    _save_index_file(malformed, "twotower.BruteForce", {"candidates": torch.zeros(2, 2)}, {"k": "1e9"})
+    save_index_file(malformed, "twotower.BruteForce", {"candidates": torch.zeros(2, 2)}, {"k": "1e9"})
     with pytest.raises(ValueError, match="k is '1e9', not a whole number"):
         BruteForce.load(malformed)
 

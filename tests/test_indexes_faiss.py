@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install -e '.[test]')")
 
 from twotower import BruteForce, FactorizedTopK
-from twotower.indexes import Faiss, recall_against_exact, recall_at_k
+from twotower.indexes import Faiss, FaissSearchParameters, recall_against_exact, recall_at_k
 
 
 def _data(n: int = 4000, nq: int = 200, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,7 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_when_probing_all() -> None:
     full, _, _ = recall_against_exact(approximate, exact, queries, k=20)
     assert full > 0.999
     assert 0.1 < low < full
-    _, per_call = approximate.search(queries, k=20, nprobe=32)
+    _, per_call = approximate.search(queries, k=20, params=FaissSearchParameters(nprobe=32))[:2]
     _, truth = exact(queries, k=20)
     assert np.mean(per_call.numpy() == truth.numpy()) > 0.999
 
@@ -55,7 +55,7 @@ def test_per_call_nprobe_applies_to_that_call_only(default_nprobe: int | None) -
     approximate = Faiss("IVF32,Flat", k=20, train_size=4000, nprobe=default_nprobe).index(corpus)
     _, truth = BruteForce(k=20).index(corpus)(queries, k=20)
     _, before = approximate(queries)
-    _, probing_all = approximate.search(queries, nprobe=32)
+    _, probing_all = approximate.search(queries, params=FaissSearchParameters(nprobe=32))[:2]
     _, after = approximate(queries)
     # Probing every cell is exact; a smaller default probes fewer cells and misses some of the true top 20.
     assert np.mean(probing_all.numpy() == truth.numpy()) > 0.999
@@ -146,7 +146,7 @@ def test_refined_fast_scan_reranks_exactly(default_k_factor: int | None, tmp_pat
     index = Faiss("IVF16,PQ16x4fs,RFlat", k=10, train_size=2000, nprobe=16, k_factor=default_k_factor).index(corpus)
     expected_scores, expected_rows = _numpy_top(corpus, queries, 10)
     _, before = index(queries)
-    scores, everything = index.search(queries, k_factor=200)
+    scores, everything = index.search(queries, params=FaissSearchParameters(k_factor=200))[:2]
     _, after = index(queries)
     assert np.mean(everything.numpy() == expected_rows) > 0.999  # only float-rounding swaps of near-ties
     np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-5, atol=1e-5)
@@ -157,7 +157,7 @@ def test_refined_fast_scan_reranks_exactly(default_k_factor: int | None, tmp_pat
     loaded = Faiss.load(tmp_path / "refined.safetensors")
     assert loaded.k_factor == default_k_factor
     assert torch.equal(loaded(queries)[1], before)
-    assert torch.equal(loaded.search(queries, k_factor=200)[1], everything)
+    assert torch.equal(loaded.search(queries, params=FaissSearchParameters(k_factor=200)).ids, everything)
 
 
 def test_k_factor_refusals() -> None:
@@ -166,7 +166,7 @@ def test_k_factor_refusals() -> None:
         Faiss("IVF4,PQ16x4fs,RFlat", k_factor=0)
     flat = Faiss("IVF4,Flat", k=5, train_size=500).index(corpus)
     with pytest.raises(ValueError, match="k_factor applies to refined indexes"):
-        flat.search(corpus[:2], k_factor=4)
+        flat.search(corpus[:2], params=FaissSearchParameters(k_factor=4))[:2]
     with pytest.raises(ValueError, match="k_factor applies to refined indexes"):
         Faiss("IVF4,Flat", k=5, train_size=500, k_factor=4).index(corpus)(corpus[:2])
 
@@ -236,14 +236,16 @@ def test_concurrent_searches_with_different_settings_do_not_interfere() -> None:
 
     corpus, queries = _data()
     index = Faiss("IVF32,Flat", k=20, train_size=4000).index(corpus)
-    full = index.search(queries, nprobe=32)[1].numpy()
-    single = index.search(queries, nprobe=1)[1].numpy()
+    full = index.search(queries, params=FaissSearchParameters(nprobe=32)).ids.numpy()
+    single = index.search(queries, params=FaissSearchParameters(nprobe=1)).ids.numpy()
     assert not np.array_equal(full, single)
     wrong: list[int] = []
 
     def run(nprobe: int, expected: np.ndarray) -> None:
         for _ in range(40):
-            if not np.array_equal(index.search(queries, nprobe=nprobe)[1].numpy(), expected):
+            if not np.array_equal(
+                index.search(queries, params=FaissSearchParameters(nprobe=nprobe)).ids.numpy(), expected
+            ):
                 wrong.append(nprobe)
 
     threads = [threading.Thread(target=run, args=(n, e)) for n, e in ((32, full), (1, single)) for _ in range(3)]

@@ -26,6 +26,19 @@ def require_tensor(value: Any, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor (or a numpy array), got {type(value).__name__}")
 
 
+def require_tensor_like(value: Any, name: str) -> torch.Tensor:
+    """:func:`require_tensor`, also accepting a (nested) list or tuple of numbers, as TensorFlow's layers do."""
+    if isinstance(value, (list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError as error:  # ragged
+            raise ValueError(f"{name} must be a rectangular array of numbers: {error}") from error
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold numbers, got {array.dtype}")
+        return torch.from_numpy(array.astype(np.float32) if array.dtype == np.float64 else array)
+    return require_tensor(value, name)
+
+
 def require_positive_int(value: Any, name: str) -> int:
     """``value`` as an int if it is a positive integer (not a bool, float or string), else a ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -152,84 +165,3 @@ def refuse_trailing_nul(values: Any, name: str) -> None:
             f"{name} holds a string ending in a NUL character ('\\x00'): numpy strings cannot keep it, so it would "
             "be confused with the same id without it"
         )
-
-
-def encode_ids(ids: Any, name: str, length: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
-    """Turn candidate identifiers into integer codes that compare equal exactly when the ids do.
-
-    Args:
-        ids: a 1-D integer tensor, a numpy array of integers or strings, or a sequence of ``int``/``str``/``bytes``.
-        name: the argument's name, for error messages.
-        length: the required number of ids, if any.
-
-    Returns:
-        ``(codes, values)``: ``codes`` is an ``int64`` tensor of shape ``[n]`` (on the CPU unless ``ids`` was a
-        tensor, whose device it keeps); ``values`` is a 1-D numpy array of the original ids (integers keep an
-        integer dtype, strings become a ``str``/``bytes`` array).
-    """
-    if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise TypeError(f"{name} must hold integers or strings, got a tensor of dtype {ids.dtype}")
-        if ids.ndim != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
-        if length is not None and ids.shape[0] != length:
-            raise ValueError(f"{name} must have {length} entries, got {ids.shape[0]}")
-        return ids.to(torch.int64), ids.detach().cpu().numpy()
-    refuse_trailing_nul(ids, name)
-    try:
-        values = np.asarray(ids)
-    except ValueError as error:  # ragged nested sequences
-        raise ValueError(f"{name} must be a 1-D sequence of ids: {error}") from error
-    if values.ndim == 2 and values.shape[1] == 1:
-        values = values[:, 0]
-    if values.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {values.shape}")
-    if length is not None and values.shape[0] != length:
-        raise ValueError(f"{name} must have {length} entries, got {values.shape[0]}")
-    if values.dtype.kind in "iu":
-        return torch.as_tensor(values.astype(np.int64)), values
-    if isinstance(ids, (list, tuple)) and ids:
-        kinds = {isinstance(value, (str, bytes)) for value in ids}
-        if len(kinds) > 1:
-            # numpy would turn every integer into its string ("1"), silently a different id.
-            raise TypeError(f"{name} must hold integers or strings, not a mix of both")
-    if values.dtype.kind in "USO":
-        if values.dtype.kind == "O" and not all(isinstance(v, (str, bytes, int, np.integer)) for v in values):
-            raise TypeError(f"{name} must hold integers or strings")
-        _, codes = np.unique(values.astype(str), return_inverse=True)
-        return torch.as_tensor(codes.astype(np.int64)), values
-    if values.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.int64), values.astype(np.int64)
-    raise TypeError(f"{name} must hold integers or strings, got numpy dtype {values.dtype}")
-
-
-def per_query_ids(values: Any, num_queries: int, name: str) -> list[np.ndarray]:
-    """Ragged per-query ids, from a ``[nq, R]`` tensor/array or a list of ``nq`` sequences, as 1-D arrays."""
-    if isinstance(values, torch.Tensor):
-        if values.dtype.is_floating_point or values.dtype == torch.bool:
-            raise TypeError(f"{name} must hold ids (integers or strings), got dtype {values.dtype}")
-        values = values.detach().cpu().numpy()
-    if isinstance(values, np.ndarray):
-        if values.ndim != 2:
-            raise ValueError(f"{name} must be [num_queries, R], got shape {values.shape}")
-        if values.size and values.dtype.kind not in "iuUSO":
-            raise TypeError(f"{name} must hold ids (integers or strings), got dtype {values.dtype}")
-        refuse_trailing_nul(values, name)
-        rows = list(values)
-    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
-        rows = []
-        for row in values:
-            if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray, torch.Tensor)):
-                raise TypeError(f"{name} must hold one sequence of ids per query, got {type(row).__name__}")
-            if isinstance(row, torch.Tensor):
-                row = row.detach().cpu().numpy()
-            refuse_trailing_nul(row, name)
-            array = np.asarray(row).reshape(-1)
-            if array.size and array.dtype.kind not in "iuUSO":
-                raise TypeError(f"{name} must hold ids (integers or strings), got dtype {array.dtype}")
-            rows.append(array)
-    else:
-        raise TypeError(f"{name} must be a [num_queries, R] tensor/array or a list of id sequences")
-    if len(rows) != num_queries:
-        raise ValueError(f"{name} must have one row per query ({num_queries}), got {len(rows)}")
-    return rows

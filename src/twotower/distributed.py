@@ -9,9 +9,10 @@ whatever the number of processes.
 * :func:`gather_with_grad` / :func:`gather` -- variable-size all-gathers along the first dimension;
 * :func:`global_candidates` -- this rank's view of the global batch: its own positives first (so that row ``i``
   is still column ``i``), then the other ranks' positives, then every rank's extra negatives;
-* :class:`ShardedIndex` -- an exact index over a corpus sharded across ranks; each rank's top-k is merged into
-  the global top-k;
-* :func:`shard_batches` -- each rank's slice of every global batch.
+* :func:`shard_rows` -- this rank's contiguous share of a batch's rows (what ``Batches(shard=True)`` yields);
+* :func:`all_reduce_gradients` -- gradients summed over ranks.
+
+The exact index over a corpus sharded across ranks is :class:`twotower.indexes.ShardedIndex`.
 
 Launch with ``torchrun --nproc-per-node N``: gloo on CPUs, NCCL on GPUs (:func:`init_from_environment`).
 """
@@ -26,8 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from twotower._checks import encode_ids
-from twotower.indexes import TopK, _check_k
+from twotower.ids import encode_ids
 
 
 def is_distributed() -> bool:
@@ -121,7 +121,7 @@ def gather(tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
 
 def gather_ids(ids: Any, length: int) -> list[np.ndarray]:
     """All ranks' ids (integers or strings), as numpy arrays."""
-    _, values = encode_ids(ids, "candidate_ids", length)
+    values = encode_ids(ids, "candidate_ids", length).values
     if values.dtype.kind in "iu":
         parts, _ = gather(torch.as_tensor(values.astype(np.int64)))
         return [part.cpu().numpy() for part in parts]
@@ -209,91 +209,10 @@ def shard_rows(num_rows: int) -> slice:
     return slice(start, start + base + (1 if me < extra else 0))
 
 
-class ShardedIndex(TopK):
-    """Exact top-K over a corpus sharded across ranks.
+def __getattr__(name: str) -> Any:
+    # ShardedIndex lives with the other indexes (twotower.indexes.sharded); this name keeps older imports working.
+    if name == "ShardedIndex":
+        from twotower.indexes.sharded import ShardedIndex
 
-    Each rank indexes its own shard (with global ids) in ``local``; a query is answered against every shard:
-    the ranks' queries are gathered, each rank searches its shard for all of them, and each rank merges the
-    shards' top-k for its own queries. Ties keep the lower rank first (shards in rank order = global order).
-    All ranks must call it together. Outside a process group it is the local index.
-
-    Args:
-        local: the exact index that holds this rank's shard.
-    """
-
-    def __init__(self, local: TopK) -> None:
-        super().__init__(k=local.k, query_model=local.query_model)
-        if not isinstance(local, TopK):
-            raise TypeError(f"local must be a twotower.indexes.TopK, got {type(local).__name__}")
-        self.local = local
-
-    def is_exact(self) -> bool:
-        return self.local.is_exact()
-
-    def index(self, candidates: torch.Tensor, identifiers: Any = None) -> ShardedIndex:
-        self.local.index(candidates, identifiers)
-        return self
-
-    @property
-    def ids(self) -> Any:
-        return self.local.ids
-
-    @property
-    def num_candidates(self) -> int:
-        return int(all_reduce_sum(torch.tensor(self.local.num_candidates)))
-
-    @property
-    def dimension(self) -> int:
-        return self.local.dimension
-
-    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return self.local.score_pairs(queries, candidates)
-
-    def _search(
-        self, queries: torch.Tensor, k: int, exclusions: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.local._search(queries, k, exclusions)
-
-    def _top_scores(self, queries: Any, k: int) -> torch.Tensor:
-        # The merge across ranks goes through _query.
-        scores: torch.Tensor = self._query(queries, k, None)[0]
-        return scores
-
-    def _query(self, queries: Any, k: int | None, exclusions: Any) -> tuple[torch.Tensor, Any]:
-        if not is_distributed():
-            return self.local._query(queries, k, exclusions)
-        embeddings = self.local._embed_queries(queries)
-        k = min(_check_k(self.k if k is None else k), self.num_candidates)
-        parts, sizes = gather(embeddings)
-        all_queries = torch.cat(parts)
-        all_exclusions = None
-        if exclusions is not None:
-            objects: list[Any] = [None] * world_size()
-            dist.all_gather_object(objects, [np.asarray(row).reshape(-1) for row in _exclusion_rows(exclusions)])
-            all_exclusions = [row for part in objects for row in part]
-        local_k = min(k, self.local.num_candidates)
-        if all_exclusions is None:
-            scores, ids = self.local._query(all_queries, local_k, None)
-        else:
-            scores, ids = self.local._query(all_queries, local_k, all_exclusions)
-        me = rank()
-        start = sum(sizes[:me])
-        mine = slice(start, start + sizes[me])
-        score_parts, _ = gather(scores[:, :local_k].contiguous())
-        merged_scores = torch.cat([part[mine] for part in score_parts], dim=1)
-        if isinstance(ids, torch.Tensor):
-            id_parts, _ = gather(ids.contiguous())
-            merged_ids: Any = torch.cat([part[mine] for part in id_parts], dim=1)
-            order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
-            return merged_scores.gather(1, order), merged_ids.gather(1, order.to(merged_ids.device))
-        objects = [None] * world_size()
-        dist.all_gather_object(objects, np.asarray(ids))
-        merged_strings = np.concatenate([np.asarray(part)[mine] for part in objects], axis=1)
-        order = torch.sort(merged_scores, dim=1, descending=True, stable=True).indices[:, :k]
-        return merged_scores.gather(1, order), np.take_along_axis(merged_strings, order.cpu().numpy(), axis=1)
-
-
-def _exclusion_rows(exclusions: Any) -> list[Any]:
-    if isinstance(exclusions, torch.Tensor):
-        return list(exclusions.detach().cpu().numpy())
-    return list(exclusions)
+        return ShardedIndex
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

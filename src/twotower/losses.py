@@ -19,31 +19,34 @@ import torch
 from torch import nn
 
 from twotower import _native
-from twotower._checks import require_finite, require_tensor
+from twotower._checks import require_finite, require_tensor_like
+from twotower.ids import encode_ids
+from twotower.logits import MAX_FLOAT, MIN_FLOAT, LogitSteps, sampling_correction_bias, score_rows
 
-#: The value TFRS adds to a logit to remove it from the softmax: float32's lowest value / 100, so that adding
-#: it to any ordinary logit neither overflows nor stays comparable with real logits.
-MIN_FLOAT = float(torch.finfo(torch.float32).min) / 100.0
-#: The value TFRS adds to the positive's logit so that top-k selection always keeps it.
-MAX_FLOAT = float(torch.finfo(torch.float32).max) / 100.0
+__all__ = [
+    "MAX_FLOAT",
+    "MIN_FLOAT",
+    "HardNegativeMining",
+    "Reduction",
+    "RemoveAccidentalHits",
+    "SamplingProbabilityCorrection",
+    "SoftmaxCrossEntropy",
+    "in_batch_softmax_cross_entropy",
+    "sampling_correction_bias",
+]
 
 Reduction = Literal["sum", "mean"]
-# Logits per block of the blocked loss: 8 MiB of float32, which measured fastest on a 2 MiB-L2 CPU at B = 8192.
+# Logits per block of the blocked loss: 8 MiB of float32 (the block-size sweep is in benchmarks/README.md).
 _BLOCK_ELEMENTS = 1 << 21
 
 
 def _check_logits_labels(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, labels = require_tensor(logits, "logits"), require_tensor(labels, "labels")
+    logits, labels = require_tensor_like(logits, "logits"), require_tensor_like(labels, "labels")
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D [num_queries, num_candidates], got shape {tuple(logits.shape)}")
     if labels.shape != logits.shape:
         raise ValueError(f"labels must have the shape of logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
     return logits, labels
-
-
-def sampling_correction_bias(probability: torch.Tensor) -> torch.Tensor:
-    """The logQ term added to each column's logit: ``-log(clip(p, 1e-6, 1))``, shape of ``probability``."""
-    return -torch.log(probability.clamp(1e-6, 1.0))
 
 
 class SamplingProbabilityCorrection(nn.Module):
@@ -55,20 +58,25 @@ class SamplingProbabilityCorrection(nn.Module):
     """
 
     def forward(self, logits: torch.Tensor, candidate_sampling_probability: torch.Tensor) -> torch.Tensor:
-        """Correct ``logits`` ``[nq, nc]`` with probabilities ``[nc]``; returns ``[nq, nc]``."""
-        logits = require_tensor(logits, "logits")
-        candidate_sampling_probability = require_tensor(
-            candidate_sampling_probability, "candidate_sampling_probability"
-        )
+        """Correct ``logits`` ``[nq, nc]`` with probabilities of any shape that broadcasts to it (``[nc]``, one
+        per column, or ``[nq, nc]``, one per entry, as TFRS broadcasts); returns ``[nq, nc]``."""
+        logits = require_tensor_like(logits, "logits")
+        probability = require_tensor_like(candidate_sampling_probability, "candidate_sampling_probability")
         if logits.ndim != 2:
             raise ValueError(f"logits must be 2-D [num_queries, num_candidates], got shape {tuple(logits.shape)}")
-        probability = candidate_sampling_probability
-        if probability.shape != (logits.shape[1],):
+        if probability.dtype == torch.bool or probability.is_complex():
+            raise TypeError(f"candidate_sampling_probability must hold real numbers, got dtype {probability.dtype}")
+        try:
+            shape = torch.broadcast_shapes(probability.shape, logits.shape)  # type: ignore[no-untyped-call]
+        except RuntimeError:
+            shape = None
+        if shape != logits.shape:
             raise ValueError(
-                f"candidate_sampling_probability must have shape ({logits.shape[1]},), got {tuple(probability.shape)}"
+                f"candidate_sampling_probability must broadcast to the logits' shape {tuple(logits.shape)} (e.g. "
+                f"({logits.shape[1]},) or {tuple(logits.shape)}), got {tuple(probability.shape)}"
             )
+        probability = probability.to(device=logits.device, dtype=logits.dtype if logits.is_floating_point() else None)
         require_finite(probability, "candidate_sampling_probability")
-        probability = probability.to(logits.dtype)
         return logits + sampling_correction_bias(probability)
 
 
@@ -86,20 +94,15 @@ class RemoveAccidentalHits(nn.Module):
         Args:
             labels: ``[nq, nc]`` one-hot labels; the positive of row ``i`` is ``argmax(labels[i])``.
             logits: ``[nq, nc]`` logits.
-            candidate_ids: ``[nc]`` integer ids of the candidates (encode strings first, e.g. with ``np.unique``).
+            candidate_ids: ``[nc]`` ids of the candidates: integers or strings (a tensor, an array or a list).
 
         Returns:
             ``[nq, nc]`` logits with ``MIN_FLOAT`` added at the accidental hits.
         """
         logits, labels = _check_logits_labels(logits, labels)
-        candidate_ids = require_tensor(candidate_ids, "candidate_ids")
-        if candidate_ids.dtype.is_floating_point or candidate_ids.dtype == torch.bool or candidate_ids.is_complex():
-            raise TypeError(f"candidate_ids must hold integer ids, got dtype {candidate_ids.dtype}")
-        if candidate_ids.shape != (logits.shape[1],):
-            raise ValueError(f"candidate_ids must have shape ({logits.shape[1]},), got {tuple(candidate_ids.shape)}")
-        candidate_ids = candidate_ids.to(logits.device)
-        positive_ids = candidate_ids[labels.argmax(dim=1)]
-        duplicate = (positive_ids[:, None] == candidate_ids[None, :]).to(logits.dtype) - labels.to(logits.dtype)
+        codes = encode_ids(candidate_ids, "candidate_ids", logits.shape[1]).codes.to(logits.device)
+        positive_ids = codes[labels.argmax(dim=1)]
+        duplicate = (positive_ids[:, None] == codes[None, :]).to(logits.dtype) - labels.to(logits.dtype)
         return logits + duplicate * MIN_FLOAT
 
 
@@ -187,53 +190,23 @@ class SoftmaxCrossEntropy(nn.Module):
         return f"reduction={self.reduction!r}"
 
 
-def _chunk_logits(
-    queries: torch.Tensor,
-    candidates: torch.Tensor,
-    start: int,
-    temperature: float | None,
-    bias: torch.Tensor | None,
-    candidate_codes: torch.Tensor | None,
-    score_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Processed logits of query rows ``start..start + len(queries)`` against every candidate (steps 1-6)."""
-    logits = queries @ candidates.T
-    if temperature is not None:
-        logits = logits / temperature
-    if bias is not None:
-        logits = logits + bias
-    rows = torch.arange(queries.shape[0], device=logits.device)
-    if candidate_codes is not None:
-        duplicate = candidate_codes[start : start + queries.shape[0], None] == candidate_codes[None, :]
-        duplicate[rows, rows + start] = False
-        logits = logits + duplicate.to(logits.dtype) * MIN_FLOAT
-    if score_mask is not None:
-        logits = torch.where(score_mask[start : start + queries.shape[0]], logits, torch.full_like(logits, MIN_FLOAT))
-    return logits
-
-
 class _InBatchSoftmax(torch.autograd.Function):
     """Per-query cross-entropy of the in-batch softmax, computed by blocks of rows, never holding the full
     ``[nq, nc]`` logits: the forward keeps only each row's log-sum-exp, the backward recomputes a block's
-    logits and turns them into gradients while they are in cache."""
+    logits (with :func:`twotower.logits.score_rows`, as the forward does) and turns them into gradients while
+    they are in cache."""
 
     @staticmethod
     def forward(
-        ctx: Any,
-        queries: torch.Tensor,
-        candidates: torch.Tensor,
-        temperature: float | None,
-        bias: torch.Tensor | None,
-        candidate_codes: torch.Tensor | None,
-        score_mask: torch.Tensor | None,
-        block_rows: int,
+        ctx: Any, queries: torch.Tensor, candidates: torch.Tensor, steps: LogitSteps, block_rows: int
     ) -> torch.Tensor:
         num_queries = queries.shape[0]
-        ctx.temperature, ctx.block_rows = temperature, block_rows
+        # The steps' tensors (bias, codes, mask) never need gradient: kept on ctx rather than saved.
+        ctx.steps, ctx.block_rows = steps, block_rows
         if num_queries <= block_rows:
             # One block: its logits fit in cache, so the forward keeps their exponentials for the backward
             # instead of recomputing them.
-            logits = _chunk_logits(queries, candidates, 0, temperature, bias, candidate_codes, score_mask)
+            logits = score_rows(queries, candidates, 0, steps)
             positives = logits.diagonal().clone()
             # The arithmetic of torch.logsumexp, max + log(sum(exp(l - max))), keeping exp(l - max) in place.
             statistics = _native.softmax_rows(logits)
@@ -245,7 +218,7 @@ class _InBatchSoftmax(torch.autograd.Function):
                 maxima, sums = statistics
             exponentials = logits
             ctx.single_block = True
-            ctx.save_for_backward(queries, candidates, exponentials, sums, score_mask)
+            ctx.save_for_backward(queries, candidates, exponentials, sums)
             # log(sum) - (positive - max), Keras's order: with every logit of a row masked to MIN_FLOAT,
             # max + log(sum) - positive rounds ln(nc) away (MIN_FLOAT + ln(nc) == MIN_FLOAT in float32).
             result: torch.Tensor = sums.log() - (positives - maxima)
@@ -259,7 +232,7 @@ class _InBatchSoftmax(torch.autograd.Function):
         for start in range(0, num_queries, block_rows):
             block = queries[start : start + block_rows]
             rows_of_block = slice(start, start + block.shape[0])
-            logits = _chunk_logits(block, candidates, start, temperature, bias, candidate_codes, score_mask)
+            logits = score_rows(block, candidates, start, steps)
             rows = torch.arange(block.shape[0], device=logits.device)
             maxima = logits.amax(dim=1)
             positives = logits[rows, rows + start] - maxima
@@ -267,56 +240,57 @@ class _InBatchSoftmax(torch.autograd.Function):
             row_maxima[rows_of_block], log_sums[rows_of_block] = maxima, log_sum
             per_row[rows_of_block] = log_sum - positives
         # The backward needs their sum only: in a fully masked row, where it is inexact, the mask zeroes the gradient.
-        ctx.save_for_backward(queries, candidates, row_maxima + log_sums, bias, candidate_codes, score_mask)
+        ctx.save_for_backward(queries, candidates, row_maxima + log_sums)
         return per_row
 
     @staticmethod
     def backward(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         if ctx.single_block:
             return _InBatchSoftmax._backward_single_block(ctx, grad_per_row)
-        queries, candidates, log_normalisers, bias, candidate_codes, score_mask = ctx.saved_tensors
-        temperature, block_rows = ctx.temperature, ctx.block_rows
+        queries, candidates, log_normalisers = ctx.saved_tensors
+        steps: LogitSteps = ctx.steps
+        block_rows = ctx.block_rows
         grad_queries = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
         grad_candidates = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
         for start in range(0, queries.shape[0], block_rows):
             block = queries[start : start + block_rows]
             rows = torch.arange(block.shape[0], device=block.device)
-            logits = _chunk_logits(block, candidates, start, temperature, bias, candidate_codes, score_mask)
+            logits = score_rows(block, candidates, start, steps)
             # d CE_i / d logit_ij = softmax_ij - [j == i]; masked logits are constants with softmax 0.
             # In place: the block is a fresh buffer, and each pass over it costs as much as the multiply.
             gradient = logits.sub_(log_normalisers[start : start + block.shape[0], None]).exp_()
             gradient[rows, rows + start] -= 1.0
-            if score_mask is not None:
+            if steps.score_mask is not None:
                 # Masked logits are constants: no gradient flows through them, the positive's included.
-                gradient.mul_(score_mask[start : start + block.shape[0]])
+                gradient.mul_(steps.score_mask[start : start + block.shape[0]])
             scale = grad_per_row[start : start + block.shape[0], None]
-            gradient.mul_(scale / temperature if temperature is not None else scale)
+            gradient.mul_(scale / steps.temperature if steps.temperature is not None else scale)
             if grad_queries is not None:
                 grad_queries[start : start + block.shape[0]] = gradient @ candidates
             if grad_candidates is not None:
                 grad_candidates += gradient.T @ block
-        return grad_queries, grad_candidates, None, None, None, None, None
+        return grad_queries, grad_candidates, None, None
 
     @staticmethod
     def _backward_single_block(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        queries, candidates, exponentials, sums, score_mask = ctx.saved_tensors
-        temperature = ctx.temperature
-        scale = grad_per_row / temperature if temperature is not None else grad_per_row
+        queries, candidates, exponentials, sums = ctx.saved_tensors
+        steps: LogitSteps = ctx.steps
+        scale = grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
         num_queries = queries.shape[0]
         grad_queries: torch.Tensor | None = None
         grad_candidates: torch.Tensor | None = None
-        if score_mask is not None:
+        if steps.score_mask is not None:
             # Masked logits are constants (no gradient, the positive's included): the gradient block is needed.
             # Out of place: a backward run again with retain_graph must find the exponentials unchanged.
             gradient = exponentials * (scale / sums)[:, None]
             rows = torch.arange(num_queries, device=gradient.device)
             gradient[rows, rows] -= scale
-            gradient.mul_(score_mask[:num_queries])
+            gradient.mul_(steps.score_mask[:num_queries])
             if ctx.needs_input_grad[0]:
                 grad_queries = gradient @ candidates
             if ctx.needs_input_grad[1]:
                 grad_candidates = gradient.T @ queries
-            return grad_queries, grad_candidates, None, None, None, None, None
+            return grad_queries, grad_candidates, None, None
         # d loss_i / d logit_ij = g_i (E_ij / s_i - [j == i]), E the kept exponentials and s their row sums. The
         # diagonal scalings move onto the thin [n, d] factors, so the [nq, nc] block is only read by the GEMMs.
         row_scale = (scale / sums)[:, None]
@@ -326,7 +300,7 @@ class _InBatchSoftmax(torch.autograd.Function):
             # (Q^T E)^T rather than E^T Q: the same product, and the faster kernel for a wide E.
             grad_candidates = ((queries * row_scale).T @ exponentials).T
             grad_candidates[:num_queries] -= scale[:, None] * queries
-        return grad_queries, grad_candidates, None, None, None, None, None
+        return grad_queries, grad_candidates, None, None
 
 
 def in_batch_softmax_cross_entropy(
@@ -337,29 +311,36 @@ def in_batch_softmax_cross_entropy(
     candidate_codes: torch.Tensor | None = None,
     score_mask: torch.Tensor | None = None,
     block_rows: int | None = None,
+    *,
+    steps: LogitSteps | None = None,
 ) -> torch.Tensor:
     """Per-query softmax cross-entropy of the in-batch task, without materialising the logits.
 
-    Equal to steps 1-6 of :class:`twotower.tasks.Retrieval` followed by :class:`SoftmaxCrossEntropy`'s per-row
-    term: ``logsumexp(l_i) - l_ii`` with ``l = Q C^T / temperature + bias``, accidental hits (same code as the
+    Equal to the logit steps of :mod:`twotower.logits` followed by :class:`SoftmaxCrossEntropy`'s per-row term:
+    ``logsumexp(l_i) - l_ii`` with ``l = Q C^T / temperature + bias``, accidental hits (same code as the
     positive) and masked entries removed as TFRS removes them.
 
     Args:
         queries: ``[nq, d]``; row ``i``'s positive is candidate ``i``.
         candidates: ``[nc, d]``, ``nc >= nq``.
-        temperature: divides the logits.
+        temperature: divides the logits (a float: a learnable temperature needs the materialised loss).
         bias: ``[nc]`` added to every row (``-log p`` for the sampling correction).
         candidate_codes: ``[nc]`` integer ids: negatives sharing the positive's id are removed.
         score_mask: ``[nq, nc]`` bool, ``False`` removes the logit.
         block_rows: rows per block (memory is ``block_rows * nc`` logits); by default blocks of about 2M logits,
             which stay in cache at large batches and make small batches a single block.
+        steps: the four settings above as one :class:`~twotower.logits.LogitSteps` (then leave them unset).
 
     Returns:
         ``[nq]`` cross-entropies, differentiable with respect to ``queries`` and ``candidates``.
     """
+    if steps is None:
+        steps = LogitSteps(temperature, bias, candidate_codes, score_mask)
+    elif any(value is not None for value in (temperature, bias, candidate_codes, score_mask)):
+        raise ValueError("pass the logit settings either as steps or one by one, not both")
+    if isinstance(steps.temperature, torch.Tensor):
+        raise TypeError("the blocked loss takes a float temperature (a learnable one needs the materialised loss)")
     if block_rows is None:
         block_rows = max(1, _BLOCK_ELEMENTS // max(candidates.shape[0], 1))
-    result: torch.Tensor = _InBatchSoftmax.apply(  # type: ignore[no-untyped-call]
-        queries, candidates, temperature, bias, candidate_codes, score_mask, block_rows
-    )
+    result: torch.Tensor = _InBatchSoftmax.apply(queries, candidates, steps, block_rows)  # type: ignore[no-untyped-call]
     return result

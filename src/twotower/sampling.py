@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower._checks import encode_ids, require_finite, require_number, require_positive_int, require_tensor
+from twotower._checks import require_finite, require_number, require_positive_int, require_tensor
+from twotower.ids import encode_ids
 
 
 def _as_int_ids(ids: Any, name: str, num_items: int | None = None) -> torch.Tensor:
@@ -272,7 +273,7 @@ class CrossBatchNegatives:
         embeddings = embeddings.detach()
         if self.embeddings is not None and embeddings.shape[1:] != self.embeddings.shape[1:]:
             raise ValueError(f"embeddings must have dimension {self.embeddings.shape[1]}, got {embeddings.shape[1]}")
-        values = None if ids is None else encode_ids(ids, "ids", embeddings.shape[0])[1]
+        values = None if ids is None else encode_ids(ids, "ids", embeddings.shape[0]).values
         if self.embeddings is not None and (values is None) != (self.codes is None):
             raise ValueError("push ids with every batch or with none")
         if self.embeddings is not None and (probabilities is None) != (self.probabilities is None):

@@ -37,9 +37,9 @@ from torch import nn
 
 from twotower._checks import ends_in_nul
 from twotower._files import atomic_write, new_directory_beside, parse_json, read_verified_directory, replace_directory
-from twotower.data.movielens import Vocabulary
 from twotower.indexes import BruteForce, Faiss, TopK
 from twotower.towers import TowerFormatError, build_tower, describe_tower, tower_tensors
+from twotower.vocabulary import Vocabulary
 
 #: Version 2: the tower is a layer list and safetensors weights. Version 1 bundles held a ``torch.export``
 #: archive, which can carry pickled code; they are refused (save the bundle again).

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,36 @@ from twotower._files import (
     read_verified_directory,
     replace_directory,
 )
-from twotower.data.movielens import MovieLens, Vocabulary, load_movielens
+from twotower.data.batches import Batches
+from twotower.data.movielens import MovieLens, load_movielens
 from twotower.indexes import BruteForce, Streaming
 from twotower.metrics import CorpusRanking, FactorizedTopK
 from twotower.models import Model
+from twotower.optim import keras_adagrad
 from twotower.tasks import Retrieval
+from twotower.vocabulary import Vocabulary
+
+# Batches, keras_adagrad and Vocabulary are general tools (twotower.data.batches, twotower.optim,
+# twotower.vocabulary); the names stay importable from here for code written against earlier releases.
+__all__ = [
+    "PUBLISHED",
+    "RECALL_KS",
+    "BasicRetrievalModel",
+    "Batches",
+    "LoadedRun",
+    "PreparedData",
+    "RunError",
+    "TitleBatches",
+    "Vocabulary",
+    "WorkloadConfig",
+    "evaluate_ranking",
+    "keras_adagrad",
+    "load_run",
+    "prepare",
+    "recommend",
+    "save_run",
+    "train_and_evaluate",
+]
 
 #: Test top-K accuracy published with the TFRS basic retrieval tutorial (top-1/5/10/50/100).
 PUBLISHED = {1: 0.0010, 5: 0.0087, 10: 0.0212, 50: 0.1218, 100: 0.2334}
@@ -111,56 +136,6 @@ class BasicRetrievalModel(Model):
         with torch.no_grad():
             embeddings = self.movie_model(torch.arange(1, len(self.titles)))
         return BruteForce(k=100).index(embeddings, self.titles.values)
-
-
-def keras_adagrad(parameters: Iterable[torch.nn.Parameter], learning_rate: float = 0.1) -> torch.optim.Adagrad:
-    """TFRS's optimizer: Adagrad with Keras's defaults (initial accumulator 0.1, epsilon 1e-7).
-
-    The fused implementation (one kernel for every parameter, torch 2.4+) where this torch has it: it updates
-    the tutorial's two embedding tables in about half the time of the per-tensor loop, with the same arithmetic
-    up to float32 rounding.
-    """
-    parameters = list(parameters)
-    try:
-        return torch.optim.Adagrad(parameters, lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7, fused=True)
-    except (TypeError, RuntimeError):  # torch < 2.4 has no fused Adagrad, or not for these tensors' device
-        return torch.optim.Adagrad(parameters, lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7)
-
-
-class Batches:
-    """Re-iterable, seeded, shuffled batches of aligned index tensors (a light DataLoader for in-memory data).
-
-    ``generator`` is exposed as a DataLoader's is, so that checkpoints save and restore the shuffling state.
-    Batches are views of one epoch-wide copy (of the tensors themselves when not shuffled): do not modify them.
-    With ``shard=True`` under ``torch.distributed``, each rank yields its slice of every global batch.
-    """
-
-    def __init__(
-        self, *tensors: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0, shard: bool = False
-    ) -> None:
-        if not tensors or any(tensor.shape[0] != tensors[0].shape[0] for tensor in tensors):
-            raise ValueError("Batches needs tensors with the same number of rows")
-        self.tensors, self.batch_size, self.shuffle, self.shard = tensors, batch_size, shuffle, shard
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return -(-self.tensors[0].shape[0] // self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        rows = self.tensors[0].shape[0]
-        order = torch.randperm(rows, generator=self.generator) if self.shuffle else torch.arange(rows)
-        if not self.shard:
-            # One gather per epoch, then every batch is a view: a gather per batch and tensor costs more than
-            # the whole epoch's at small batches.
-            shuffled = tuple(tensor[order] for tensor in self.tensors) if self.shuffle else self.tensors
-            for start in range(0, rows, self.batch_size):
-                yield tuple(tensor[start : start + self.batch_size] for tensor in shuffled)
-            return
-        for start in range(0, rows, self.batch_size):
-            # Every rank draws the same global batch (same seed) and keeps its own slice of it.
-            chosen = order[start : start + self.batch_size]
-            chosen = chosen[distributed.shard_rows(chosen.shape[0])]
-            yield tuple(tensor[chosen] for tensor in self.tensors)
 
 
 @dataclass
