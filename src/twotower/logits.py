@@ -82,7 +82,14 @@ def score_rows(queries: torch.Tensor, candidates: torch.Tensor, start: int, step
         duplicate = codes[rows, None] == codes[None, :]
         diagonal = torch.arange(queries.shape[0], device=logits.device)
         duplicate[diagonal, diagonal + start] = False
-        logits = logits + duplicate.to(logits.dtype) * MIN_FLOAT
+        # Only the duplicates change: adding MIN_FLOAT at their positions is TFRS's arithmetic (elsewhere TFRS
+        # adds 0 * MIN_FLOAT = -0.0, which leaves every value as it is) without two more passes over the block.
+        hits = duplicate.nonzero(as_tuple=True)
+        removal = torch.full((hits[0].shape[0],), MIN_FLOAT, dtype=logits.dtype, device=logits.device)
+        if logits.requires_grad:
+            logits = logits.index_put(hits, removal, accumulate=True)
+        else:
+            logits.index_put_(hits, removal, accumulate=True)
     if steps.score_mask is not None:
         logits = torch.where(steps.score_mask[rows], logits, torch.full_like(logits, MIN_FLOAT))
     return logits
