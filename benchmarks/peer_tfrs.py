@@ -1,22 +1,30 @@
-"""twotower against TensorFlow Recommenders 0.7.7, side by side in one run on this machine.
+"""twotower against TensorFlow Recommenders 0.7.7, interleaved in one run on this machine.
 
     bash benchmarks/tfrs_env.sh python benchmarks/peer_tfrs.py --data-dir ../shared/data
 
-1. The MovieLens 100K basic-retrieval workload on the same 80/20 split with 64-d towers: training examples/s at
-   batch 1024 and 4096 (the SUM loss, Adagrad 0.1), evaluation queries/s (test loss plus factorized top-K over
-   every title), and test top-K accuracy after 3 epochs at batch 8192, for both libraries.
-2. Exact top-100 over N = 1,000,000 x D = 64 candidates for 4,096 queries: TFRS's BruteForce and Streaming
+1. Training: the MovieLens 100K basic-retrieval workload (64-d user and title towers, the SUM loss, Adagrad 0.1)
+   at batch 256, 1024, 4096 and 8192. For each batch size both libraries get the same training rows in the same
+   order, train one warm-up epoch (excluded: graph tracing, first touches), then alternate single epochs,
+   TFRS / twotower / twotower bf16, for --pairs rounds (the order of the three rotates each round, so that a
+   slower or faster moment of a shared machine falls on each library in turn). Each round gives one per-pair
+   ratio, twotower's examples/s over TFRS's in that round; the table prints each library's median examples/s and
+   the median, min and max of the per-pair ratios.
+2. Evaluation: test loss plus factorized top-K over every title, interleaved in the same way.
+3. Test top-K accuracy after 3 epochs at batch 8192, for TFRS, twotower and twotower bf16.
+4. Exact top-100 over N = 1,000,000 x D = 64 candidates for 4,096 queries: TFRS's BruteForce and Streaming
    against twotower's.
+5. twotower's step breakdown at batch 1024, 4096 and 8192 (benchmarks/step_breakdown.py, without TensorFlow).
 
-Both run with 2 threads (TensorFlow's intra- and inter-op pools, torch's pool). Training throughput is the best
-of 3 runs of 2 epochs for each library, after a warm-up epoch.
+Every library runs with 2 threads (TensorFlow's intra- and inter-op pools, torch's pool).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -27,13 +35,13 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 import torch
 
+import step_breakdown
 from twotower import BruteForce, Streaming
 from twotower.data.movielens import load_movielens
 from twotower.workload import BasicRetrievalModel, Batches, keras_adagrad, prepare
 
 DIM = 64
-#: Each training measurement is the best of this many runs of 2 epochs, for both libraries.
-REPEATS = 3
+LIBRARIES = ("TFRS", "twotower", "twotower bf16")
 
 
 class TfrsModel(tfrs.Model):  # type: ignore[misc]
@@ -61,62 +69,99 @@ class TfrsModel(tfrs.Model):  # type: ignore[misc]
         )
 
 
-def tfrs_run(train: dict[str, np.ndarray], test: dict[str, np.ndarray], users: Any, titles: Any) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for batch in (1024, 4096):
-        tf.keras.utils.set_random_seed(0)
-        model = TfrsModel(users, titles)
+def _seconds(function: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def _interleaved(runs: dict[str, Callable[[], Any]], pairs: int, items: int) -> dict[str, list[float]]:
+    """``items``/s of each run over ``pairs`` rounds; the order of the runs rotates every round."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(pairs):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            rates[name].append(items / _seconds(runs[name]))
+    return rates
+
+
+class Workload:
+    """Both libraries' models and data for one batch size; the training rows in one fixed order."""
+
+    def __init__(self, prepared: Any, batch_size: int, seed: int = 0) -> None:
+        self.prepared = prepared
+        order = np.random.default_rng(seed).permutation(prepared.train_users.shape[0])
+        self.users, self.titles = prepared.train_users[order], prepared.train_titles[order]
+        self.num_rows = int(self.users.shape[0])
+        self.batch_size = batch_size
+
+    def tfrs_model(self, seed: int) -> tuple[Any, Any]:
+        tf.keras.utils.set_random_seed(seed)
+        model = TfrsModel(self.prepared.users.values, self.prepared.titles.values)
         model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
-        data = tf.data.Dataset.from_tensor_slices(train).shuffle(100_000, seed=0).batch(batch).cache()
-        model.fit(data, epochs=1, verbose=0)  # warm-up: graph tracing
-        seconds = float("inf")
-        for _ in range(REPEATS):
-            started = time.perf_counter()
-            model.fit(data, epochs=2, verbose=0)
-            seconds = min(seconds, time.perf_counter() - started)
-        results[f"train_{batch}"] = 2 * len(train["user_id"]) / seconds
-    tf.keras.utils.set_random_seed(42)
-    model = TfrsModel(users, titles)
-    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
-    data = tf.data.Dataset.from_tensor_slices(train).shuffle(100_000, seed=42).batch(8192).cache()
-    model.fit(data, epochs=3, verbose=0)
-    test_data = tf.data.Dataset.from_tensor_slices(test).batch(4096).cache()
-    model.evaluate(test_data, return_dict=True, verbose=0)  # warm-up
-    started = time.perf_counter()
-    metrics = model.evaluate(test_data, return_dict=True, verbose=0)
-    results["evaluate_qps"] = len(test["user_id"]) / (time.perf_counter() - started)
-    results["accuracy"] = {
-        k: float(metrics[f"factorized_top_k/top_{k}_categorical_accuracy"]) for k in (1, 5, 10, 50, 100)
-    }
-    return results
+        # Index i >= 1 of a Vocabulary is its value i - 1: the same rows, as the strings TFRS looks up.
+        columns = {
+            "user_id": self.prepared.users.values[self.users.numpy() - 1],
+            "movie_title": self.prepared.titles.values[self.titles.numpy() - 1],
+        }
+        data = tf.data.Dataset.from_tensor_slices(columns).batch(self.batch_size).cache()
+        return model, data
 
-
-def twotower_run(prepared: Any) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for batch in (1024, 4096):
-        torch.manual_seed(0)
-        model = BasicRetrievalModel(prepared.users, prepared.titles, DIM)
+    def twotower_model(self, seed: int, precision: str) -> tuple[BasicRetrievalModel, Any, Batches]:
+        torch.manual_seed(seed)
+        model = BasicRetrievalModel(self.prepared.users, self.prepared.titles, DIM, precision=precision)
         optimizer = keras_adagrad(model.parameters())
-        train = Batches(prepared.train_users, prepared.train_titles, batch_size=batch, shuffle=True, seed=0)
-        model.fit(train, optimizer, epochs=1, progress=False)
-        seconds = float("inf")
-        for _ in range(REPEATS):
-            started = time.perf_counter()
-            model.fit(train, optimizer, epochs=2, progress=False)
-            seconds = min(seconds, time.perf_counter() - started)
-        results[f"train_{batch}"] = 2 * prepared.train_users.shape[0] / seconds
-    torch.manual_seed(42)
-    model = BasicRetrievalModel(prepared.users, prepared.titles, DIM)
-    optimizer = keras_adagrad(model.parameters())
-    model.fit(Batches(prepared.train_users, prepared.train_titles, batch_size=8192, shuffle=True, seed=42), optimizer,
-              epochs=3, progress=False)  # fmt: skip
-    test = Batches(prepared.test_users, prepared.test_titles, batch_size=4096, shuffle=False)
-    model.evaluate(test, progress=False)
-    started = time.perf_counter()
-    metrics = model.evaluate(test, progress=False)
-    results["evaluate_qps"] = prepared.test_users.shape[0] / (time.perf_counter() - started)
-    results["accuracy"] = {k: metrics[f"factorized_top_k/top_{k}_categorical_accuracy"] for k in (1, 5, 10, 50, 100)}
-    return results
+        return model, optimizer, Batches(self.users, self.titles, batch_size=self.batch_size, shuffle=False)
+
+
+def training(prepared: Any, batch_size: int, pairs: int) -> dict[str, list[float]]:
+    workload = Workload(prepared, batch_size)
+    tfrs_model, tfrs_data = workload.tfrs_model(0)
+    ours, optimizer, batches = workload.twotower_model(0, "float32")
+    ours_bf16, optimizer_bf16, batches_bf16 = workload.twotower_model(0, "bf16")
+    runs: dict[str, Callable[[], Any]] = {
+        "TFRS": lambda: tfrs_model.fit(tfrs_data, epochs=1, verbose=0),
+        "twotower": lambda: ours.fit(batches, optimizer, epochs=1, progress=False),
+        "twotower bf16": lambda: ours_bf16.fit(batches_bf16, optimizer_bf16, epochs=1, progress=False),
+    }
+    for run in runs.values():
+        run()  # warm-up
+    return _interleaved(runs, pairs, workload.num_rows)
+
+
+def accuracy_and_evaluation(prepared: Any, pairs: int) -> tuple[dict[str, dict[int, float]], dict[str, list[float]]]:
+    """Test top-K accuracy after 3 epochs at batch 8192 (seed 42), then interleaved evaluation throughput."""
+    workload = Workload(prepared, 8192, seed=42)
+    tfrs_model, tfrs_data = workload.tfrs_model(42)
+    tfrs_model.fit(tfrs_data.shuffle(100_000, seed=42, reshuffle_each_iteration=True), epochs=3, verbose=0)
+    test = {
+        "user_id": prepared.users.values[prepared.test_users.numpy() - 1],
+        "movie_title": prepared.titles.values[prepared.test_titles.numpy() - 1],
+    }
+    tfrs_test = tf.data.Dataset.from_tensor_slices(test).batch(4096).cache()
+    models: dict[str, BasicRetrievalModel] = {}
+    for name, precision in (("twotower", "float32"), ("twotower bf16", "bf16")):
+        torch.manual_seed(42)
+        model = BasicRetrievalModel(prepared.users, prepared.titles, DIM, precision=precision)
+        train = Batches(prepared.train_users, prepared.train_titles, batch_size=8192, shuffle=True, seed=42)
+        model.fit(train, keras_adagrad(model.parameters()), epochs=3, progress=False)
+        models[name] = model
+    ours_test = Batches(prepared.test_users, prepared.test_titles, batch_size=4096, shuffle=False)
+    results: dict[str, dict[str, float]] = {"TFRS": tfrs_model.evaluate(tfrs_test, return_dict=True, verbose=0)}
+    for name, model in models.items():
+        results[name] = model.evaluate(ours_test, progress=False)
+    accuracy = {
+        name: {k: float(metrics[f"factorized_top_k/top_{k}_categorical_accuracy"]) for k in (1, 5, 10, 50, 100)}
+        for name, metrics in results.items()
+    }
+    runs: dict[str, Callable[[], Any]] = {
+        "TFRS": lambda: tfrs_model.evaluate(tfrs_test, verbose=0),
+        "twotower": lambda: models["twotower"].evaluate(ours_test, progress=False),
+        "twotower bf16": lambda: models["twotower bf16"].evaluate(ours_test, progress=False),
+    }
+    rates = _interleaved(runs, pairs, int(prepared.test_users.shape[0]))
+    return accuracy, rates
 
 
 def topk_run(num_candidates: int, num_queries: int) -> dict[str, float]:
@@ -127,62 +172,65 @@ def topk_run(num_candidates: int, num_queries: int) -> dict[str, float]:
     brute = tfrs.layers.factorized_top_k.BruteForce(k=100)
     brute.index(tf.constant(corpus))
     brute(tf.constant(queries[:64]), k=100)
-    started = time.perf_counter()
-    brute(tf.constant(queries), k=100)
-    rates["TFRS BruteForce"] = num_queries / (time.perf_counter() - started)
+    rates["TFRS BruteForce"] = num_queries / _seconds(lambda: brute(tf.constant(queries), k=100))
     streaming = tfrs.layers.factorized_top_k.Streaming(k=100)
     streaming.index_from_dataset(tf.data.Dataset.from_tensor_slices(corpus).batch(65536))
-    started = time.perf_counter()
-    streaming(tf.constant(queries), k=100)
-    rates["TFRS Streaming"] = num_queries / (time.perf_counter() - started)
+    rates["TFRS Streaming"] = num_queries / _seconds(lambda: streaming(tf.constant(queries), k=100))
     corpus_t, queries_t = torch.from_numpy(corpus), torch.from_numpy(queries)
     index = BruteForce(k=100).index(corpus_t)
     index(queries_t[:64])
-    started = time.perf_counter()
-    index(queries_t)
-    rates["twotower BruteForce"] = num_queries / (time.perf_counter() - started)
+    rates["twotower BruteForce"] = num_queries / _seconds(lambda: index(queries_t))
     stream = Streaming(k=100).index_from_dataset(list(corpus_t.split(65536)))
-    started = time.perf_counter()
-    stream(queries_t)
-    rates["twotower Streaming"] = num_queries / (time.perf_counter() - started)
+    rates["twotower Streaming"] = num_queries / _seconds(lambda: stream(queries_t))
     return rates
+
+
+def _print_rates(label: str, rates: dict[str, list[float]]) -> None:
+    medians = [statistics.median(rates[name]) for name in LIBRARIES]
+    cells = "".join(f"{median:>12,.0f}" for median in medians)
+    ratios = []
+    for name in LIBRARIES[1:]:
+        per_pair = [ours / theirs for ours, theirs in zip(rates[name], rates["TFRS"], strict=True)]
+        ratios.append(f"{statistics.median(per_pair):>6.2f} [{min(per_pair):.2f}-{max(per_pair):.2f}]")
+    print(f"{label:<26}{cells}  {ratios[0]:>20}  {ratios[1]:>20}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="folder with ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
+    parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds per measurement (default 5)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--corpus", type=int, default=1_000_000, help="top-K corpus size (default 1,000,000)")
     parser.add_argument("--queries", type=int, default=4096, help="top-K queries (default 4096)")
+    parser.add_argument("--skip-topk", action="store_true", help="leave out the exact top-K comparison")
+    parser.add_argument("--skip-breakdown", action="store_true", help="leave out twotower's step breakdown")
     args = parser.parse_args()
+    if args.pairs < 1:
+        parser.error("--pairs must be at least 1")
     tf.config.threading.set_intra_op_parallelism_threads(2)
     tf.config.threading.set_inter_op_parallelism_threads(2)
     torch.set_num_threads(2)
-    data = load_movielens("100k", data_dir=args.data_dir)
-    prepared = prepare(data, seed=42)
-    train_rows, test_rows = data.split(seed=42)
-
-    def columns(rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {"user_id": data.user_ids[rows], "movie_title": data.movie_titles[rows]}
-
-    theirs = tfrs_run(columns(train_rows), columns(test_rows), prepared.users.values, prepared.titles.values)
-    ours = twotower_run(prepared)
-    print(f"tensorflow {tf.__version__}, tfrs {tfrs.__version__}, torch {torch.__version__}; 2 threads\n")
-    print(f"{'MovieLens 100K, 64-d towers, same split':<44}{'TFRS':>12}{'twotower':>12}{'ratio':>8}")
-    rows = (
-        ("train_1024", "training examples/s, batch 1024"),
-        ("train_4096", "training examples/s, batch 4096"),
-        ("evaluate_qps", "evaluation queries/s (loss + top-K)"),
-    )
-    for key, label in rows:
-        print(f"{label:<44}{theirs[key]:>12,.0f}{ours[key]:>12,.0f}{ours[key] / theirs[key]:>8.2f}")
+    prepared = prepare(load_movielens("100k", data_dir=args.data_dir), seed=42)
+    print(f"tensorflow {tf.__version__}, tfrs {tfrs.__version__}, torch {torch.__version__}; 2 threads; "
+          f"{args.pairs} interleaved rounds per row\n")  # fmt: skip
+    header = "".join(f"{name:>12}" for name in ("TFRS", "twotower", "tt bf16"))
+    print(f"{'MovieLens 100K, 64-d':<26}{header}  {'ratio fp32 [min-max]':>20}  {'ratio bf16 [min-max]':>20}")
+    for batch_size in args.batch_sizes:
+        _print_rates(f"train ex/s, batch {batch_size}", training(prepared, batch_size, args.pairs))
+    accuracy, evaluation = accuracy_and_evaluation(prepared, args.pairs)
+    _print_rates("evaluate queries/s", evaluation)
+    print(f"\n{'test accuracy (8192, 3 ep.)':<26}{header}")
     for k in (1, 5, 10, 50, 100):
-        print(f"{'test top-' + str(k) + ' accuracy (batch 8192, 3 epochs)':<44}"
-              f"{theirs['accuracy'][k]:>12.4f}{ours['accuracy'][k]:>12.4f}")  # fmt: skip
-    rates = topk_run(args.corpus, args.queries)
-    title = f"exact top-100, {args.corpus:,} x {DIM}, {args.queries:,} queries"
-    print(f"\n{title:<44}{'queries/s':>12}{'vs TFRS BF':>12}")
-    for name, rate in rates.items():
-        print(f"{name:<44}{rate:>12,.0f}{rate / rates['TFRS BruteForce']:>12.2f}")
+        print(f"{'top-' + str(k):<26}" + "".join(f"{accuracy[name][k]:>12.4f}" for name in LIBRARIES))
+    if not args.skip_topk:
+        rates = topk_run(args.corpus, args.queries)
+        title = f"exact top-100, {args.corpus:,} x {DIM}, {args.queries:,} queries"
+        print(f"\n{title:<44}{'queries/s':>12}{'vs TFRS BF':>12}")
+        for name, rate in rates.items():
+            print(f"{name:<44}{rate:>12,.0f}{rate / rates['TFRS BruteForce']:>12.2f}")
+    if not args.skip_breakdown:
+        print()
+        step_breakdown.print_breakdowns(prepared, (1024, 4096, 8192), DIM)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def test_synthetic_learns_something(capsys: pytest.CaptureFixture[str]) -> None:
         (["synthetic", "--epochs", "0"], "expected a positive integer"),
         (["synthetic", "--learning-rate", "abc"], "expected a positive number"),
         (["synthetic", "--bogus"], "unrecognized arguments"),
+        (["quickstart", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
         (["nothing"], "invalid choice"),
     ],
 )

@@ -206,3 +206,27 @@ def test_a_library_without_the_kernels_falls_back_to_torch(fresh_cache: Path, tm
     with pytest.warns(UserWarning, match="lacks a kernel function"):
         assert _native.load() is None  # ... but not the symbol check
     _search_matches_torch()
+
+
+@pytest.mark.parametrize("width", [1, 16, 17, 1027])
+def test_softmax_gradient_rows_match_float64(width: int) -> None:
+    """exp(l - n) * s in one pass, against numpy in float64: within a few ulp, 0 far below exp's normal range,
+    NaN propagated, and only the view's columns written."""
+    rng = np.random.default_rng(width)
+    logits = rng.normal(scale=10.0, size=(6, width)).astype(np.float32)
+    log_normalisers = (logits.max(axis=1) + rng.uniform(0, 3, size=6)).astype(np.float32)
+    logits[1, 0] = np.finfo(np.float32).min  # far below the normaliser: exactly 0
+    scales = rng.uniform(-2, 2, size=6).astype(np.float32)
+    block = torch.full((6, width + 5), 7.0)
+    block[:, :width] = torch.from_numpy(logits)
+    view = block[:, :width]
+    if not _native.softmax_gradient_rows(view, torch.from_numpy(log_normalisers), torch.from_numpy(scales)):
+        pytest.skip("the vectorised softmax kernel is not built on this machine")
+    shifted = (logits - log_normalisers[:, None]).astype(np.float64)
+    expected = np.where(shifted < -87.33654475, 0.0, np.exp(shifted)) * scales[:, None]
+    np.testing.assert_allclose(view.numpy(), expected, rtol=6e-7, atol=1e-30)
+    assert view[1, 0] == 0.0
+    assert torch.equal(block[:, width:], torch.full((6, 5), 7.0))
+    nan_row = torch.full((1, width), float("nan"))
+    assert _native.softmax_gradient_rows(nan_row, torch.zeros(1), torch.ones(1))
+    assert torch.isnan(nan_row).all()

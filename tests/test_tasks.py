@@ -552,10 +552,17 @@ class TestFusedLoss:
 
     @pytest.mark.parametrize("block_rows", [2, None])
     @pytest.mark.parametrize("with_mask", [True, False])
-    def test_gradcheck_blocked_with_all_options(self, block_rows: int | None, with_mask: bool) -> None:
-        """Several blocks (one partial) recompute the logits in the backward; a single block keeps them, and
-        without a mask takes its gradient through the thin factors only."""
+    @pytest.mark.parametrize("kept", [True, False])
+    def test_gradcheck_blocked_with_all_options(
+        self, block_rows: int | None, with_mask: bool, kept: bool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Several blocks (one partial) or one, their exponentials kept for the backward (which without a mask
+        takes its gradient through the thin factors only) or, above the kept budget, recomputed there."""
+        from twotower import losses
         from twotower.losses import in_batch_softmax_cross_entropy
+
+        if not kept:
+            monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
 
         generator = torch.Generator().manual_seed(9)
         queries = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -610,8 +617,10 @@ class TestFusedLoss:
         torch.testing.assert_close(queries.grad, q64.grad.float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(candidates.grad, c64.grad.float(), rtol=1e-4, atol=1e-4)
 
-    def test_backward_twice_with_retained_graph(self) -> None:
-        """The single-block backward reuses the forward's exponentials: a second backward must see them intact."""
+    @pytest.mark.parametrize("block_rows", [None, 4])
+    def test_backward_twice_with_retained_graph(self, block_rows: int | None) -> None:
+        """The backward reuses the forward's kept exponentials (of one block or several): a second backward must
+        see them intact."""
         from twotower.losses import in_batch_softmax_cross_entropy
 
         generator = torch.Generator().manual_seed(3)
@@ -619,7 +628,9 @@ class TestFusedLoss:
         candidates = torch.randn(9, 4, generator=generator, requires_grad=True)
         mask = torch.rand(6, 9, generator=generator) > 0.3
         for score_mask in (None, mask):
-            loss = in_batch_softmax_cross_entropy(queries, candidates, 0.5, score_mask=score_mask).sum()
+            loss = in_batch_softmax_cross_entropy(
+                queries, candidates, 0.5, score_mask=score_mask, block_rows=block_rows
+            ).sum()
             first = torch.autograd.grad(loss, (queries, candidates), retain_graph=True)
             second = torch.autograd.grad(loss, (queries, candidates))
             for a, b in zip(first, second, strict=True):
@@ -633,6 +644,122 @@ class TestFusedLoss:
             )
             for a, b in zip(first, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("kept", [True, False])
+    @pytest.mark.parametrize("with_mask", [True, False])
+    def test_several_blocks_at_vector_widths_match_float64(
+        self, kept: bool, with_mask: bool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Several blocks (the last partial) at widths that take the native kernels' vector lanes and tails, the
+        exponentials kept or recomputed (the one-pass gradient kernel): float64's loss and gradients, with a
+        temperature, logQ bias, accidental hits, masked entries and extra candidates."""
+        from twotower import losses
+
+        if not kept:
+            monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
+        generator = torch.Generator().manual_seed(23)
+        queries = torch.randn(37, 8, generator=generator, requires_grad=True)
+        candidates = torch.randn(51, 8, generator=generator, requires_grad=True)
+        bias = torch.rand(51, generator=generator)
+        codes = torch.randint(0, 30, (51,), generator=generator)
+        mask = (torch.rand(37, 51, generator=generator) > 0.2) if with_mask else None
+        if mask is not None:
+            mask[torch.arange(37), torch.arange(37)] = True
+        weights = torch.rand(37, generator=generator)
+        per_row = in_batch_softmax_cross_entropy(queries, candidates, 0.2, bias, codes, mask, block_rows=8)
+        (per_row * weights).sum().backward()
+        logits, _ = reference_logits(
+            queries.detach().double().numpy(), candidates.detach().double().numpy(), 0.2,
+            np.exp(-bias.double().numpy()), codes.tolist(), True, None if mask is None else mask.numpy(),
+        )  # fmt: skip
+        # Gradients through float64 autograd of numpy's logits: the removals are constants added to the scores
+        # (a removed entry's softmax weight is 0, so its gradient is 0 either way).
+        q64 = queries.detach().double().requires_grad_(True)
+        c64 = candidates.detach().double().requires_grad_(True)
+        scores = q64 @ c64.T / 0.2 + bias.double()
+        removals = torch.from_numpy(logits) - scores.detach()
+        expected = torch.nn.functional.cross_entropy(scores + removals, torch.arange(37), reduction="none")
+        (expected * weights.double()).sum().backward()
+        torch.testing.assert_close(per_row.detach().double(), expected.detach(), rtol=2e-5, atol=1e-5)
+        assert q64.grad is not None
+        assert c64.grad is not None
+        torch.testing.assert_close(queries.grad, q64.grad.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(candidates.grad, c64.grad.float(), rtol=1e-4, atol=1e-4)
+
+    @pytest.mark.parametrize("kept", [True, False])
+    @pytest.mark.parametrize("block_rows", [None, 16])
+    def test_bf16_products_stay_within_bf16_error_of_float64(
+        self, kept: bool, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """precision="bf16": the loss and its gradients within bf16's rounding (2**-8 relative, on logits of
+        magnitude up to ~10) of float64's, one block or several, kept or recomputed."""
+        from twotower import losses
+        from twotower.logits import LogitSteps
+
+        if not kept:
+            monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
+        generator = torch.Generator().manual_seed(31)
+        queries = torch.randn(64, 32, generator=generator).div_(2).requires_grad_(True)
+        candidates = torch.randn(80, 32, generator=generator).div_(2).requires_grad_(True)
+        steps = LogitSteps(temperature=0.5, matmul_dtype=torch.bfloat16)
+        per_row = in_batch_softmax_cross_entropy(queries, candidates, steps=steps, block_rows=block_rows)
+        per_row.sum().backward()
+        q64 = queries.detach().double().requires_grad_(True)
+        c64 = candidates.detach().double().requires_grad_(True)
+        expected = torch.nn.functional.cross_entropy(q64 @ c64.T / 0.5, torch.arange(64), reduction="none")
+        expected.sum().backward()
+        assert q64.grad is not None
+        assert c64.grad is not None
+        error = (per_row.detach().double() - expected.detach()).abs().max()
+        assert 0 < error < 0.1  # bf16 rounding shows (float32 would be ~1e-6) and stays small
+        for grad, reference in ((queries.grad, q64.grad), (candidates.grad, c64.grad)):
+            assert grad is not None
+            relative = (grad.double() - reference).norm() / reference.norm()
+            assert relative < 3e-2
+
+    def test_precision_bf16_rounds_the_products_and_float32_does_not(self) -> None:
+        """compute_logits with precision="bf16" gives float32 logits that are bf16 values (the product ran in
+        bf16, then was widened); "float32" keeps float32's; None follows a bf16 autocast region."""
+        generator = torch.Generator().manual_seed(5)
+        queries, candidates = torch.randn(12, 16, generator=generator), torch.randn(12, 16, generator=generator)
+
+        def is_bf16_valued(logits: torch.Tensor) -> bool:
+            return logits.dtype == torch.float32 and torch.equal(logits.bfloat16().float(), logits)
+
+        bf16_logits, _ = Retrieval(precision="bf16").compute_logits(queries, candidates)
+        float_logits, _ = Retrieval(precision="float32").compute_logits(queries, candidates)
+        assert is_bf16_valued(bf16_logits)
+        assert not is_bf16_valued(float_logits)
+        expected = queries.double() @ candidates.double().T
+        torch.testing.assert_close(float_logits.double(), expected, rtol=1e-5, atol=1e-5)
+        # The product of the bf16-rounded embeddings, accumulated in float32 and rounded once to bf16 (half an
+        # ulp, 2**-9 relative).
+        rounded = queries.bfloat16().double() @ candidates.bfloat16().double().T
+        torch.testing.assert_close(bf16_logits.double(), rounded, rtol=2**-8, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            followed, _ = Retrieval().compute_logits(queries, candidates)
+            kept_float, _ = Retrieval(precision="float32").compute_logits(queries, candidates)
+        assert is_bf16_valued(followed)
+        assert not is_bf16_valued(kept_float)
+        assert not is_bf16_valued(Retrieval().compute_logits(queries, candidates)[0])
+
+    def test_precision_bf16_loss_under_autocast_equals_explicit(self) -> None:
+        """The task's loss inside a bf16 autocast region (precision=None) is the explicit precision="bf16" loss,
+        on the blocked and on the materialised path, and not the float32 one."""
+        generator = torch.Generator().manual_seed(6)
+        queries, candidates = torch.randn(32, 16, generator=generator), torch.randn(32, 16, generator=generator)
+        for fused in (True, False):
+            explicit = Retrieval(precision="bf16", fused=fused)(queries, candidates)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                followed = Retrieval(fused=fused)(queries, candidates)
+            plain = Retrieval(fused=fused)(queries, candidates)
+            assert followed.dtype == torch.float32
+            torch.testing.assert_close(followed, explicit, rtol=1e-6, atol=1e-5)
+            assert not torch.allclose(plain, explicit, rtol=1e-6, atol=1e-6)
+
+    def test_precision_must_be_known(self) -> None:
+        with pytest.raises(ValueError, match="precision must be 'float32', 'bf16' or None, got 'fp16'"):
+            Retrieval(precision="fp16")  # type: ignore[arg-type]
 
     def test_batch_metrics_use_the_materialised_logits(self) -> None:
         queries, candidates = _random(4, 4)

@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from twotower.cli import main
-from twotower.workload import PUBLISHED, Batches, WorkloadConfig, keras_adagrad, load_run, recommend
+from twotower.vocabulary import Vocabulary
+from twotower.workload import (
+    PUBLISHED,
+    BasicRetrievalModel,
+    Batches,
+    WorkloadConfig,
+    keras_adagrad,
+    load_run,
+    recommend,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "ml-100k").is_dir(), reason=f"no local MovieLens copy at {SHARED}")
@@ -101,6 +110,21 @@ def test_config_validation() -> None:
         WorkloadConfig(batch_size=0)
     with pytest.raises(ValueError, match="learning_rate"):
         WorkloadConfig(learning_rate=-0.1)
+    with pytest.raises(ValueError, match="precision must be 'float32' or 'bf16', got 'half'"):
+        WorkloadConfig(precision="half")  # type: ignore[arg-type]
+
+
+def test_bf16_model_runs_its_loss_products_in_bf16() -> None:
+    """BasicRetrievalModel(precision="bf16") hands the precision to its task: the task's logits are bf16 values
+    widened to float32 (a float32 task's are not)."""
+    users, titles = Vocabulary([str(i) for i in range(20)]), Vocabulary([f"t{i}" for i in range(30)])
+    torch.manual_seed(0)
+    model = BasicRetrievalModel(users, titles, 16, precision="bf16")
+    queries, candidates = model.user_model(torch.arange(1, 9)), model.movie_model(torch.arange(1, 9))
+    logits, _ = model.task.compute_logits(queries.detach(), candidates.detach())
+    assert torch.equal(logits.bfloat16().float(), logits)
+    float_logits, _ = BasicRetrievalModel(users, titles, 16).task.compute_logits(queries.detach(), candidates.detach())
+    assert not torch.equal(float_logits.bfloat16().float(), float_logits)
 
 
 def test_torchrun_two_processes_match_one(run_dir: Path, tmp_path: Path) -> None:

@@ -140,6 +140,8 @@ _SIGNATURES: dict[str, list[Any]] = {
                              ctypes.c_int64],
     "twotower_softmax_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int64],
+    "twotower_softmax_gradient_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64],
 }  # fmt: skip
 
 
@@ -199,6 +201,19 @@ def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     Returns:
         ``(maxima [rows], sums [rows])``, as ``logits.amax(1)`` and ``exp(logits - maxima).sum(1)``.
     """
+    kernel = _vectorized_float32_rows(logits)
+    if kernel is None:
+        return None
+    rows = logits.shape[0]
+    maxima, sums = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
+    kernel.twotower_softmax_rows(
+        logits.data_ptr(), rows, logits.shape[1], logits.stride(0), maxima.data_ptr(), sums.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return maxima, sums
+
+
+def _vectorized_float32_rows(logits: torch.Tensor) -> ctypes.CDLL | None:
     kernel = load()
     if (
         kernel is None
@@ -209,13 +224,26 @@ def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
         or logits.stride(1) != 1
     ):
         return None
+    return kernel
+
+
+def softmax_gradient_rows(logits: torch.Tensor, log_normalisers: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Write ``exp(logits - log_normalisers[:, None]) * scales[:, None]`` over float32 CPU ``logits`` ``[rows,
+    cols]`` (unit column stride) in one pass; ``log_normalisers`` and ``scales`` are ``[rows]``. Returns ``False``
+    (``logits`` untouched) where the AVX-512 kernel is not built: the caller then runs torch's passes."""
+    kernel = _vectorized_float32_rows(logits)
+    if kernel is None:
+        return False
     rows = logits.shape[0]
-    maxima, sums = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
-    kernel.twotower_softmax_rows(
-        logits.data_ptr(), rows, logits.shape[1], logits.stride(0), maxima.data_ptr(), sums.data_ptr(),
+    log_normalisers = log_normalisers.to(torch.float32).contiguous()
+    scales = scales.to(torch.float32).contiguous()
+    if log_normalisers.shape != (rows,) or scales.shape != (rows,):
+        raise ValueError(f"log_normalisers and scales must have shape ({rows},)")
+    kernel.twotower_softmax_gradient_rows(
+        logits.data_ptr(), rows, logits.shape[1], logits.stride(0), log_normalisers.data_ptr(), scales.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
-    return maxima, sums
+    return True
 
 
 @functools.cache

@@ -163,14 +163,19 @@ class RetrievalBatch:
             mask &= self.score_mask
         return dataclasses.replace(self, score_mask=mask, positive_ids=None)
 
-    def logit_steps(self, temperature: float | torch.Tensor | None, remove_accidental_hits: bool) -> LogitSteps:
-        """The :class:`~twotower.logits.LogitSteps` of this batch."""
+    def logit_steps(
+        self,
+        temperature: float | torch.Tensor | None,
+        remove_accidental_hits: bool,
+        matmul_dtype: torch.dtype | None = None,
+    ) -> LogitSteps:
+        """The :class:`~twotower.logits.LogitSteps` of this batch, its products in ``matmul_dtype``."""
         bias = None if self.probability is None else sampling_correction_bias(self.probability)
         codes = None
         if remove_accidental_hits:
             assert self.ids is not None  # build(needs_ids=True) requires them
             codes = self.ids.codes.to(self.queries.device)
-        return LogitSteps(temperature, bias, codes, self.score_mask)
+        return LogitSteps(temperature, bias, codes, self.score_mask, matmul_dtype)
 
 
 def _check_embeddings(

@@ -81,6 +81,12 @@ def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive_int, default=8192, help="training batch size (default 8192)")
     parser.add_argument("--embedding-dim", type=_positive_int, default=32, help="tower width (default 32)")
     parser.add_argument("--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (0.1)")
+    parser.add_argument(
+        "--precision",
+        choices=["float32", "bf16"],
+        default="float32",
+        help="the loss's matrix products: float32 (default) or bf16 (faster on CPUs with bf16 matrix units)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -239,6 +245,7 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        precision=args.precision,
     )
     data = load_movielens(config.dataset, data_dir=args.data_dir)
     distributed.init_from_environment()

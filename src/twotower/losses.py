@@ -21,7 +21,14 @@ from torch import nn
 from twotower import _native
 from twotower._checks import require_finite, require_tensor_like
 from twotower.ids import encode_ids
-from twotower.logits import MAX_FLOAT, MIN_FLOAT, LogitSteps, sampling_correction_bias, score_rows
+from twotower.logits import (
+    MAX_FLOAT,
+    MIN_FLOAT,
+    LogitSteps,
+    matmul_operands,
+    sampling_correction_bias,
+    score_rows,
+)
 
 __all__ = [
     "MAX_FLOAT",
@@ -38,6 +45,9 @@ __all__ = [
 Reduction = Literal["sum", "mean"]
 # Logits per block of the blocked loss: 8 MiB of float32 (the block-size sweep is in benchmarks/README.md).
 _BLOCK_ELEMENTS = 1 << 21
+# Up to this many logits (256 MiB of float32) the blocked loss keeps its exponentials for the backward instead of
+# recomputing them (the sweep is in benchmarks/README.md).
+_KEPT_ELEMENTS = 1 << 26
 
 
 def _check_logits_labels(logits: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,116 +201,158 @@ class SoftmaxCrossEntropy(nn.Module):
 
 
 class _InBatchSoftmax(torch.autograd.Function):
-    """Per-query cross-entropy of the in-batch softmax, computed by blocks of rows, never holding the full
-    ``[nq, nc]`` logits: the forward keeps only each row's log-sum-exp, the backward recomputes a block's
-    logits (with :func:`twotower.logits.score_rows`, as the forward does) and turns them into gradients while
-    they are in cache."""
+    """Per-query cross-entropy of the in-batch softmax, computed by blocks of rows with
+    :func:`twotower.logits.score_rows`, never holding the logits as one ``[nq, nc]`` tensor.
+
+    Up to ``_KEPT_ELEMENTS`` logits, the forward keeps each block's exponentials ``exp(l - max)`` and the backward
+    only multiplies them (three products in all, the softmax's row scalings moved onto the thin ``[n, d]``
+    factors). Above it, the forward keeps each row's log-sum-exp only and the backward recomputes a block's
+    logits into one reused buffer and turns them into gradients while they are in cache (a fourth product, for
+    memory bounded by one block). With ``steps.matmul_dtype`` the products run in that dtype and everything
+    between them in float32."""
 
     @staticmethod
     def forward(
         ctx: Any, queries: torch.Tensor, candidates: torch.Tensor, steps: LogitSteps, block_rows: int
     ) -> torch.Tensor:
-        num_queries = queries.shape[0]
+        num_queries, num_candidates = queries.shape[0], candidates.shape[0]
         # The steps' tensors (bias, codes, mask) never need gradient: kept on ctx rather than saved.
         ctx.steps, ctx.block_rows = steps, block_rows
-        if num_queries <= block_rows:
-            # One block: its logits fit in cache, so the forward keeps their exponentials for the backward
-            # instead of recomputing them.
-            logits = score_rows(queries, candidates, 0, steps)
-            positives = logits.diagonal().clone()
-            # The arithmetic of torch.logsumexp, max + log(sum(exp(l - max))), keeping exp(l - max) in place.
-            statistics = _native.softmax_rows(logits)
-            if statistics is None:
-                maxima = logits.amax(dim=1)
-                sums = logits.sub_(maxima[:, None]).exp_().sum(dim=1)
-            else:
-                # The same in one pass over each row (four passes over the whole block in torch).
-                maxima, sums = statistics
-            exponentials = logits
-            ctx.single_block = True
-            ctx.save_for_backward(queries, candidates, exponentials, sums)
-            # log(sum) - (positive - max), Keras's order: with every logit of a row masked to MIN_FLOAT,
-            # max + log(sum) - positive rounds ln(nc) away (MIN_FLOAT + ln(nc) == MIN_FLOAT in float32).
-            result: torch.Tensor = sums.log() - (positives - maxima)
-            return result
-        ctx.single_block = False
-        # Each row's maximum and log(sum(exp(l - max))) are kept apart: their sum would absorb the second when
-        # the maximum is MIN_FLOAT (a fully masked row), as in the single block above.
-        row_maxima = queries.new_empty(num_queries)
-        log_sums = queries.new_empty(num_queries)
-        per_row = queries.new_empty(num_queries)
+        operands = matmul_operands(queries, candidates, steps)
+        # Up to _KEPT_ELEMENTS logits, the forward keeps every block's exponentials for the backward, which then
+        # only multiplies them: a fourth product (recomputing the logits) costs more than keeping them.
+        ctx.kept = num_queries * num_candidates <= _KEPT_ELEMENTS
+        kept: list[torch.Tensor] = []
+        pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        buffer = None if ctx.kept else queries.new_empty(min(block_rows, num_queries), num_candidates)
         for start in range(0, num_queries, block_rows):
-            block = queries[start : start + block_rows]
-            rows_of_block = slice(start, start + block.shape[0])
-            logits = score_rows(block, candidates, start, steps)
-            rows = torch.arange(block.shape[0], device=logits.device)
-            maxima = logits.amax(dim=1)
-            positives = logits[rows, rows + start] - maxima
-            log_sum = logits.sub_(maxima[:, None]).exp_().sum(dim=1).log_()
-            row_maxima[rows_of_block], log_sums[rows_of_block] = maxima, log_sum
-            per_row[rows_of_block] = log_sum - positives
-        # The backward needs their sum only: in a fully masked row, where it is inexact, the mask zeroes the gradient.
-        ctx.save_for_backward(queries, candidates, row_maxima + log_sums)
+            block = operands[0][start : start + block_rows]
+            logits = score_rows(block, operands[1], start, steps, out=None if buffer is None else buffer[: len(block)])
+            positive = logits.diagonal(offset=start).clone()
+            pieces.append((positive, *_row_statistics(logits)))
+            if ctx.kept:
+                # In the products' dtype: the backward multiplies them as they are.
+                kept.append(logits.to(operands[0].dtype))
+        # Each row's maximum and log(sum(exp(l - max))) are kept apart: their sum would absorb the second when
+        # the maximum is MIN_FLOAT (a fully masked row).
+        positives, row_maxima, sums = (
+            pieces[0] if len(pieces) == 1 else tuple(torch.cat(column) for column in zip(*pieces, strict=True))
+        )
+        # log(sum) - (positive - max), Keras's order: with every logit of a row masked to MIN_FLOAT,
+        # max + log(sum) - positive rounds ln(nc) away (MIN_FLOAT + ln(nc) == MIN_FLOAT in float32).
+        log_sums = sums.log()
+        per_row: torch.Tensor = log_sums - (positives - row_maxima)
+        if ctx.kept:
+            ctx.save_for_backward(queries, candidates, sums, *kept)
+        else:
+            # The backward needs their sum only: in a fully masked row, where it is inexact, the mask zeroes the
+            # gradient.
+            ctx.save_for_backward(queries, candidates, row_maxima + log_sums)
         return per_row
 
     @staticmethod
     def backward(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if ctx.single_block:
-            return _InBatchSoftmax._backward_single_block(ctx, grad_per_row)
+        if ctx.kept:
+            return _InBatchSoftmax._backward_kept(ctx, grad_per_row)
         queries, candidates, log_normalisers = ctx.saved_tensors
         steps: LogitSteps = ctx.steps
         block_rows = ctx.block_rows
+        block_queries, block_candidates = matmul_operands(queries, candidates, steps)
+        low_precision = block_queries.dtype != queries.dtype
         grad_queries = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
         grad_candidates = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
+        # d CE_i / d logit_ij = g_i (softmax_ij - [j == i]) / temperature; masked logits are constants.
+        scales = grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
+        scales = scales.to(queries.dtype).contiguous()
+        buffer = queries.new_empty(min(block_rows, queries.shape[0]), candidates.shape[0])
         for start in range(0, queries.shape[0], block_rows):
-            block = queries[start : start + block_rows]
+            block = block_queries[start : start + block_rows]
+            rows_of_block = slice(start, start + block.shape[0])
             rows = torch.arange(block.shape[0], device=block.device)
-            logits = score_rows(block, candidates, start, steps)
-            # d CE_i / d logit_ij = softmax_ij - [j == i]; masked logits are constants with softmax 0.
-            # In place: the block is a fresh buffer, and each pass over it costs as much as the multiply.
-            gradient = logits.sub_(log_normalisers[start : start + block.shape[0], None]).exp_()
-            gradient[rows, rows + start] -= 1.0
+            logits = score_rows(block, block_candidates, start, steps, out=buffer[: block.shape[0]])
+            scale = scales[rows_of_block]
+            # In place, in one pass where the kernel is built: each pass over the block costs as much as a product.
+            if not _native.softmax_gradient_rows(logits, log_normalisers[rows_of_block], scale):
+                logits.sub_(log_normalisers[rows_of_block, None]).exp_().mul_(scale[:, None])
+            gradient = logits
+            gradient[rows, rows + start] -= scale
             if steps.score_mask is not None:
                 # Masked logits are constants: no gradient flows through them, the positive's included.
-                gradient.mul_(steps.score_mask[start : start + block.shape[0]])
-            scale = grad_per_row[start : start + block.shape[0], None]
-            gradient.mul_(scale / steps.temperature if steps.temperature is not None else scale)
+                gradient.mul_(steps.score_mask[rows_of_block])
+            if low_precision:
+                gradient = gradient.to(block_queries.dtype)
             if grad_queries is not None:
-                grad_queries[start : start + block.shape[0]] = gradient @ candidates
+                if low_precision:
+                    grad_queries[rows_of_block] = gradient @ block_candidates
+                else:
+                    torch.mm(gradient, candidates, out=grad_queries[rows_of_block])
             if grad_candidates is not None:
-                grad_candidates += gradient.T @ block
+                if low_precision:
+                    grad_candidates += gradient.T @ block
+                else:
+                    grad_candidates.addmm_(gradient.T, block)
         return grad_queries, grad_candidates, None, None
 
     @staticmethod
-    def _backward_single_block(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        queries, candidates, exponentials, sums = ctx.saved_tensors
+    def _backward_kept(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        queries, candidates, sums, *kept = ctx.saved_tensors
         steps: LogitSteps = ctx.steps
         scale = grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
         num_queries = queries.shape[0]
-        grad_queries: torch.Tensor | None = None
+        product_queries, product_candidates = matmul_operands(queries, candidates, steps)
+        need_queries, need_candidates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        query_pieces: list[torch.Tensor] = []
         grad_candidates: torch.Tensor | None = None
-        if steps.score_mask is not None:
-            # Masked logits are constants (no gradient, the positive's included): the gradient block is needed.
-            # Out of place: a backward run again with retain_graph must find the exponentials unchanged.
-            gradient = exponentials * (scale / sums)[:, None]
-            rows = torch.arange(num_queries, device=gradient.device)
-            gradient[rows, rows] -= scale
-            gradient.mul_(steps.score_mask[:num_queries])
-            if ctx.needs_input_grad[0]:
-                grad_queries = gradient @ candidates
-            if ctx.needs_input_grad[1]:
-                grad_candidates = gradient.T @ queries
-            return grad_queries, grad_candidates, None, None
-        # d loss_i / d logit_ij = g_i (E_ij / s_i - [j == i]), E the kept exponentials and s their row sums. The
-        # diagonal scalings move onto the thin [n, d] factors, so the [nq, nc] block is only read by the GEMMs.
-        row_scale = (scale / sums)[:, None]
-        if ctx.needs_input_grad[0]:
-            grad_queries = (exponentials @ candidates).mul_(row_scale).sub_(scale[:, None] * candidates[:num_queries])
-        if ctx.needs_input_grad[1]:
-            # (Q^T E)^T rather than E^T Q: the same product, and the faster kernel for a wide E.
-            grad_candidates = ((queries * row_scale).T @ exponentials).T
-            grad_candidates[:num_queries] -= scale[:, None] * queries
+        # d loss_i / d logit_ij = g_i (E_ij / s_i - [j == i]), E the kept exponentials and s their row sums.
+        row_scales = (scale / sums)[:, None]
+        # The kept blocks are only read (a backward run again with retain_graph must find them unchanged).
+        for index, exponentials in enumerate(kept):
+            start = index * ctx.block_rows
+            rows_of_block = slice(start, start + exponentials.shape[0])
+            row_scale = row_scales[rows_of_block]
+            if steps.score_mask is not None:
+                # Masked logits are constants (no gradient, the positive's included): the gradient block is needed.
+                gradient = exponentials.to(queries.dtype) * row_scale
+                gradient.diagonal(offset=start).sub_(scale[rows_of_block])
+                gradient = gradient.mul_(steps.score_mask[rows_of_block]).to(exponentials.dtype)
+                query_piece = gradient @ product_candidates if need_queries else None
+                candidate_piece = gradient.T @ product_queries[rows_of_block] if need_candidates else None
+            else:
+                # The diagonal scalings move onto the thin [n, d] factors: the block is only read by the products.
+                query_piece = (
+                    (exponentials @ product_candidates).to(queries.dtype).mul_(row_scale) if need_queries else None
+                )
+                candidate_piece = None
+                if need_candidates:
+                    scaled_queries = (queries[rows_of_block] * row_scale).to(exponentials.dtype)
+                    # (Q^T E)^T rather than E^T Q: the same product, and the faster kernel for a wide E.
+                    candidate_piece = (scaled_queries.T @ exponentials).T
+            if query_piece is not None:
+                query_pieces.append(query_piece.to(queries.dtype))
+            if candidate_piece is not None:
+                candidate_piece = candidate_piece.to(candidates.dtype)
+                grad_candidates = candidate_piece if grad_candidates is None else grad_candidates.add_(candidate_piece)
+        grad_queries = None
+        if need_queries:
+            grad_queries = query_pieces[0] if len(query_pieces) == 1 else torch.cat(query_pieces)
+        if steps.score_mask is None:
+            # The positives' -g_i terms, one per row, for the whole batch at once.
+            if grad_queries is not None:
+                grad_queries.sub_(scale[:, None] * candidates[:num_queries])
+            if grad_candidates is not None:
+                grad_candidates[:num_queries] -= scale[:, None] * queries
         return grad_queries, grad_candidates, None, None
+
+
+def _row_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima and sums of ``exp(l - max)`` of a float block, with the exponentials written over it."""
+    statistics = _native.softmax_rows(logits)
+    if statistics is not None:
+        # One pass over each row (four passes over the whole block in torch).
+        return statistics
+    # The arithmetic of torch.logsumexp, max + log(sum(exp(l - max))), keeping exp(l - max) in place.
+    maxima = logits.amax(dim=1)
+    return maxima, logits.sub_(maxima[:, None]).exp_().sum(dim=1)
 
 
 def in_batch_softmax_cross_entropy(
@@ -327,9 +379,11 @@ def in_batch_softmax_cross_entropy(
         bias: ``[nc]`` added to every row (``-log p`` for the sampling correction).
         candidate_codes: ``[nc]`` integer ids: negatives sharing the positive's id are removed.
         score_mask: ``[nq, nc]`` bool, ``False`` removes the logit.
-        block_rows: rows per block (memory is ``block_rows * nc`` logits); by default blocks of about 2M logits,
-            which stay in cache at large batches and make small batches a single block.
-        steps: the four settings above as one :class:`~twotower.logits.LogitSteps` (then leave them unset).
+        block_rows: rows per block; by default blocks of about 2M logits, which stay in cache at large batches
+            and make small batches a single block. Up to 64M logits (256 MiB of float32) in all, every block's
+            exponentials are kept for the backward; above, memory is one block of ``block_rows * nc`` logits.
+        steps: the four settings above as one :class:`~twotower.logits.LogitSteps` (then leave them unset), which
+            also sets the products' dtype (``matmul_dtype=torch.bfloat16`` for bf16 matrix units).
 
     Returns:
         ``[nq]`` cross-entropies, differentiable with respect to ``queries`` and ``candidates``.

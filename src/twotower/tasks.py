@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from twotower.losses import (
 )
 from twotower.metrics import FactorizedBatch, FactorizedMetric, NamedMetric
 from twotower.sampling import CrossBatchNegatives
+
+#: The dtype of the loss's matrix products (see :class:`Retrieval`'s ``precision``).
+Precision = Literal["float32", "bf16"]
+_MATMUL_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bf16": torch.bfloat16}
 
 #: ``loss(labels, logits, sample_weight) -> scalar``, the signature of a Keras loss.
 LossFunction = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -80,6 +84,14 @@ class Retrieval(nn.Module):
             batch metrics to update, no hard-negative selection, no custom loss, no learnable temperature,
             single-head queries). ``None`` (default): whenever it applies; ``True``: always, and a call where
             it cannot apply raises a ``ValueError`` saying why; ``False``: never.
+        precision: the dtype of the loss's matrix products. ``"float32"``: the embeddings' own (float32).
+            ``"bf16"``: the scores ``Q C^T`` and the gradient products are multiplied in bfloat16 (accumulated in
+            float32 by the CPU's bf16 matrix units, AMX or AVX512-BF16, or by a GPU's tensor cores) and widened
+            to float32 at once: the temperature, logQ bias, masks, softmax statistics and the loss stay float32.
+            About 2-3x faster products on such hardware, with logits rounded to bf16's 8 bits (a relative error
+            of 2**-9); slower on a CPU without bf16 units. ``None`` (default): ``"bf16"`` inside a
+            ``torch.autocast(..., dtype=torch.bfloat16)`` region of the embeddings' device (so that a model whose
+            towers run under autocast gets its loss products in bf16 too), ``"float32"`` otherwise.
 
     Differences from TFRS 0.7.7, where we follow TFRS's documentation rather than its code:
 
@@ -111,8 +123,12 @@ class Retrieval(nn.Module):
         temperature_range: tuple[float, float] = (1e-2, 10.0),
         negative_cache: CrossBatchNegatives | None = None,
         cross_rank_negatives: bool | None = None,
+        precision: Precision | None = None,
     ) -> None:
         super().__init__()
+        if precision is not None and precision not in _MATMUL_DTYPES:
+            raise ValueError(f"precision must be 'float32', 'bf16' or None, got {precision!r}")
+        self.precision = precision
         if temperature is not None:
             if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
                 raise TypeError(f"temperature must be a number or None, got {type(temperature).__name__}")
@@ -245,14 +261,19 @@ class Retrieval(nn.Module):
         if cross_rank:
             batch = batch.across_ranks(with_negative_cache=self.negative_cache is not None)
         batch = self._with_cached_negatives(batch).with_known_positives_masked()
-        steps = batch.logit_steps(self.current_temperature(), self.remove_accidental_hits)
+        device_type = batch.queries.device.type
+        steps = batch.logit_steps(
+            self.current_temperature(), self.remove_accidental_hits, self._matmul_dtype(device_type)
+        )
         need_logits = compute_batch_metrics and bool(self.batch_metrics)
         logits = labels = None
-        if self._uses_blocked_loss(batch, need_logits):
-            loss = self._blocked_loss(batch, steps)
-        else:
-            logits, labels = self._logits(batch, steps)
-            loss = self._loss_of_logits(logits, labels, batch.sample_weight)
+        # The products' dtype is steps.matmul_dtype: an enclosing autocast must not change it behind the steps.
+        with torch.autocast(device_type, enabled=False):
+            if self._uses_blocked_loss(batch, need_logits):
+                loss = self._blocked_loss(batch, steps)
+            else:
+                logits, labels = self._logits(batch, steps)
+                loss = self._loss_of_logits(logits, labels, batch.sample_weight)
         reported = loss.detach()
         if cross_rank:
             loss, reported = self._global_loss(loss, batch.num_queries)
@@ -293,7 +314,25 @@ class Retrieval(nn.Module):
             check_finite=self.check_finite,
             needs_ids=self.remove_accidental_hits,
         )
-        return self._logits(batch, batch.logit_steps(self.current_temperature(), self.remove_accidental_hits))
+        device_type = batch.queries.device.type
+        steps = batch.logit_steps(
+            self.current_temperature(), self.remove_accidental_hits, self._matmul_dtype(device_type)
+        )
+        with torch.autocast(device_type, enabled=False):
+            return self._logits(batch, steps)
+
+    def _matmul_dtype(self, device_type: str) -> torch.dtype | None:
+        """The dtype of the loss's products: ``precision``'s, or under ``precision=None`` an enclosing bf16
+        autocast's."""
+        if self.precision is not None:
+            return _MATMUL_DTYPES[self.precision]
+        try:
+            active = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        except (TypeError, AttributeError):  # torch < 2.4 asks per device through other functions
+            getter = torch.is_autocast_cpu_enabled if device_type == "cpu" else torch.is_autocast_enabled
+            dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+            active = bool(getter()) and dtype == torch.bfloat16
+        return torch.bfloat16 if active else None
 
     # -- the steps of forward(), in order ------------------------------------------------------------------------
 

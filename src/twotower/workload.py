@@ -36,7 +36,7 @@ from twotower.indexes import BruteForce, Streaming
 from twotower.metrics import CorpusRanking, FactorizedTopK
 from twotower.models import Model
 from twotower.optim import keras_adagrad
-from twotower.tasks import Retrieval
+from twotower.tasks import Precision, Retrieval
 from twotower.vocabulary import Vocabulary
 
 # Batches, keras_adagrad and Vocabulary are general tools (twotower.data.batches, twotower.optim,
@@ -78,6 +78,8 @@ class WorkloadConfig:
     batch_size: int = 8192
     test_batch_size: int = 4096
     learning_rate: float = 0.1
+    #: The loss's matrix products: ``"float32"`` or ``"bf16"`` (see :class:`~twotower.tasks.Retrieval`).
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         for name in ("embedding_dim", "epochs", "batch_size", "test_batch_size"):
@@ -86,6 +88,8 @@ class WorkloadConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.precision not in ("float32", "bf16"):
+            raise ValueError(f"precision must be 'float32' or 'bf16', got {self.precision!r}")
 
 
 class TitleBatches:
@@ -112,9 +116,12 @@ class BasicRetrievalModel(Model):
         users: vocabulary of user ids.
         titles: vocabulary of movie titles; the corpus is every title in it.
         embedding_dim: width of both towers.
+        precision: the loss's matrix products, ``"float32"`` or ``"bf16"`` (see :class:`~twotower.tasks.Retrieval`).
     """
 
-    def __init__(self, users: Vocabulary, titles: Vocabulary, embedding_dim: int = 32) -> None:
+    def __init__(
+        self, users: Vocabulary, titles: Vocabulary, embedding_dim: int = 32, precision: Precision = "float32"
+    ) -> None:
         super().__init__()
         self.users, self.titles = users, titles
         self.user_model = nn.Embedding(len(users), embedding_dim)
@@ -123,7 +130,7 @@ class BasicRetrievalModel(Model):
         nn.init.uniform_(self.user_model.weight, -0.05, 0.05)
         nn.init.uniform_(self.movie_model.weight, -0.05, 0.05)
         corpus = TitleBatches(self.movie_model, torch.arange(1, len(titles)), titles.values)
-        self.task = Retrieval(metrics=FactorizedTopK(Streaming(k=100).index_from_dataset(corpus)))
+        self.task = Retrieval(metrics=FactorizedTopK(Streaming(k=100).index_from_dataset(corpus)), precision=precision)
 
     def compute_loss(self, batch: Any, training: bool = False) -> torch.Tensor:
         """``batch`` is ``(user indices [b], title indices [b])``; returns the SUM softmax loss."""
@@ -198,7 +205,7 @@ def train_and_evaluate(
     data = data if data is not None else load_movielens(config.dataset, data_dir=data_dir)
     torch.manual_seed(config.seed)
     prepared = prepare(data, config.seed)
-    model = BasicRetrievalModel(prepared.users, prepared.titles, config.embedding_dim)
+    model = BasicRetrievalModel(prepared.users, prepared.titles, config.embedding_dim, config.precision)
     optimizer = keras_adagrad(model.parameters(), config.learning_rate)
     # Under torch.distributed (torchrun) each rank takes its slice of every global batch; the gradients are
     # summed, so training is the single-process computation on the same global batches.
@@ -332,7 +339,7 @@ def load_run(directory: str | os.PathLike[str]) -> LoadedRun:
         users, titles = Vocabulary(vocabularies["user_id"]), Vocabulary(vocabularies["movie_title"])
     except (TypeError, ValueError, KeyError) as error:
         raise RunError(f"{directory}/manifest.json holds no valid workload config: {error}") from error
-    model = BasicRetrievalModel(users, titles, config.embedding_dim)
+    model = BasicRetrievalModel(users, titles, config.embedding_dim, config.precision)
     try:
         model.load_state_dict(load(contents["model.safetensors"]))
     except (SafetensorError, RuntimeError) as error:

@@ -75,6 +75,25 @@ void twotower_softmax_rows(float *logits, int64_t rows, int64_t cols, int64_t st
     }
 }
 
+/* The backward's elementwise pass over a block of recomputed logits: row r becomes exp(l - n_r) * s_r, with n_r
+ * the row's log-normaliser (max + log of the sum of exponentials, from the forward) and s_r its gradient scale.
+ * One visit of the row where torch needs three passes (sub, exp, mul). Arguments of exp below -87.34 give 0. */
+void twotower_softmax_gradient_rows(float *logits, int64_t rows, int64_t cols, int64_t stride,
+                                    const float *log_normalisers, const float *scales, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+        float *row = logits + r * stride;
+        const float n = log_normalisers[r], s = scales[r];
+        int64_t j = 0;
+#ifdef __AVX512F__
+        __m512 shift = _mm512_set1_ps(n), scale = _mm512_set1_ps(s);
+        for (; j + 16 <= cols; j += 16)
+            _mm512_storeu_ps(row + j, _mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift)), scale));
+#endif
+        for (; j < cols; ++j) row[j] = exp_scalar(row[j] - n) * s;
+    }
+}
+
 /* Whether the vectorised path was compiled in (the scalar one is slower than torch's passes). */
 int twotower_softmax_rows_vectorized(void) {
 #ifdef __AVX512F__
