@@ -14,7 +14,8 @@ epoch, then an epoch under torch's profiler. Each operator's time is charged to 
 * optimizer: ``optimizer.step()``;
 * other: the rest of the profiled step's wall time (the task's batch set-up, autograd, Python).
 
-The profiled epoch's shares are applied to the median step time of three unprofiled epochs.
+The profiled epoch's shares are applied to the median step time of five unprofiled epochs; each of those is
+followed by one timing of the three GEMMs (the median of its 5 repeats), and the table gives their median.
 
 The last row is the three GEMMs of one step alone (``Q C^T``, ``G C``, ``G^T Q`` of the full ``[B, B]`` matrix,
 plain torch, fresh outputs): the cost of the loss's arithmetic with nothing else. With ``--precision bf16`` the
@@ -48,6 +49,8 @@ PARTS = (
     "optimizer",
     "other (set-up, autograd, Python)",
 )
+#: Unprofiled epochs per batch size, each followed by one timing of the three GEMMs; the medians are printed.
+EPOCHS = 5
 _GEMMS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul"}
 
 
@@ -138,11 +141,14 @@ def breakdown(prepared: Any, batch_size: int, dim: int, precision: str) -> tuple
     batches = Batches(prepared.train_users, prepared.train_titles, batch_size=batch_size, shuffle=True, seed=0)
     model.train()
     _epoch(model, optimizer, batches)  # warm-up
-    walls = []
-    for _ in range(3):
+    gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # Epochs and the reference GEMMs alternate, so that both see the same moments of a shared machine.
+    walls, gemms = [], []
+    for _ in range(EPOCHS):
         started = time.perf_counter()
         steps = _epoch(model, optimizer, batches)
         walls.append((time.perf_counter() - started) / steps)
+        gemms.append(three_gemms(batch_size, dim, gemm_dtype))
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
         started = time.perf_counter()
         steps = _epoch(model, optimizer, batches)
@@ -153,8 +159,7 @@ def breakdown(prepared: Any, batch_size: int, dim: int, precision: str) -> tuple
     wall = 1000 * statistics.median(walls)
     scale = wall / (1000 * sum(parts.values()))
     parts = {name: 1000 * seconds * scale for name, seconds in parts.items()}
-    gemm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return parts, wall, 1000 * three_gemms(batch_size, dim, gemm_dtype)
+    return parts, wall, 1000 * statistics.median(gemms)
 
 
 def print_breakdowns(prepared: Any, batch_sizes: tuple[int, ...], dim: int, precision: str = "float32") -> None:

@@ -230,3 +230,27 @@ def test_softmax_gradient_rows_match_float64(width: int) -> None:
     nan_row = torch.full((1, width), float("nan"))
     assert _native.softmax_gradient_rows(nan_row, torch.zeros(1), torch.ones(1))
     assert torch.isnan(nan_row).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 16, 37, 1027])
+def test_softmax_rows_bf16_match_float64(dtype: torch.dtype, width: int) -> None:
+    """Row maxima exactly, sums of the unrounded exponentials within float32 summation error, and the kept
+    exponentials equal to float64's exp(l - max) rounded to nearest bfloat16 (one rounding step apart at most,
+    for values the float32 exp puts on the other side of a rounding boundary); bf16 logits are overwritten."""
+    rng = np.random.default_rng(width)
+    values = rng.normal(scale=8.0, size=(5, width)).astype(np.float32)
+    logits = torch.from_numpy(values).to(dtype)
+    exact = logits.double().numpy()  # the values the kernel reads (bf16 widening is exact)
+    result = _native.softmax_rows_bf16(logits)
+    if result is None:
+        pytest.skip("the vectorised softmax kernel is not built on this machine")
+    maxima, sums, exponentials = result
+    assert exponentials.dtype == torch.bfloat16
+    assert (exponentials.data_ptr() == logits.data_ptr()) == (dtype == torch.bfloat16)
+    expected = np.exp(exact - exact.max(axis=1, keepdims=True))
+    np.testing.assert_array_equal(maxima.numpy(), exact.max(axis=1).astype(np.float32))
+    np.testing.assert_allclose(sums.numpy(), expected.sum(axis=1), rtol=2e-6)
+    rounded = torch.from_numpy(expected).to(torch.bfloat16).double().numpy()
+    np.testing.assert_allclose(exponentials.double().numpy(), rounded, rtol=2**-7, atol=0)
+    assert (exponentials.double().numpy() == rounded).mean() > 0.99

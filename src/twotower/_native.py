@@ -140,6 +140,8 @@ _SIGNATURES: dict[str, list[Any]] = {
                              ctypes.c_int64],
     "twotower_softmax_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int64],
+    "twotower_softmax_rows_bf16": [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64],
     "twotower_softmax_gradient_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int64],
 }  # fmt: skip
@@ -244,6 +246,36 @@ def softmax_gradient_rows(logits: torch.Tensor, log_normalisers: torch.Tensor, s
         torch.get_num_threads(),
     )  # fmt: skip
     return True
+
+
+def softmax_rows_bf16(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """:func:`softmax_rows` for a block whose exponentials are kept in bfloat16: ``logits`` ``[rows, cols]``
+    (bfloat16, overwritten by the exponentials, or float32, left as it is; unit column stride, CPU).
+
+    Returns:
+        ``(maxima [rows], sums [rows], exponentials [rows, cols] bfloat16)``: the maxima and sums in float32 (of
+        the unrounded exponentials), ``exponentials`` being ``logits`` itself when it is bfloat16. ``None``
+        where the AVX-512 kernel is not built (``logits`` untouched).
+    """
+    kernel = load()
+    if (
+        kernel is None
+        or not kernel.twotower_softmax_rows_vectorized()
+        or logits.dtype not in (torch.float32, torch.bfloat16)
+        or logits.device.type != "cpu"
+        or logits.ndim != 2
+        or logits.stride(1) != 1
+    ):
+        return None
+    rows, cols = logits.shape
+    is_bf16 = logits.dtype == torch.bfloat16
+    output = logits if is_bf16 else torch.empty(rows, cols, dtype=torch.bfloat16)
+    maxima, sums = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
+    kernel.twotower_softmax_rows_bf16(
+        logits.data_ptr(), int(is_bf16), rows, cols, logits.stride(0), output.data_ptr(), output.stride(0),
+        maxima.data_ptr(), sums.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return maxima, sums, output
 
 
 @functools.cache

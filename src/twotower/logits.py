@@ -76,6 +76,7 @@ def score_rows(
     start: int,
     steps: LogitSteps,
     out: torch.Tensor | None = None,
+    widen: bool = True,
 ) -> torch.Tensor:
     """Logits of query rows ``start .. start + len(queries)`` of the batch against every candidate.
 
@@ -88,6 +89,8 @@ def score_rows(
         steps: the batch's :class:`LogitSteps`.
         out: an optional ``[b, nc]`` buffer (no gradient) the logits are written into: a blocked loss reuses
             one buffer for all its blocks, where a fresh allocation of several MiB per block costs page faults.
+        widen: ``False`` returns the product of a 2-D block in ``steps.matmul_dtype`` (not widened) when no step
+            after the scores applies, for a caller whose next pass reads it as it is.
 
     Returns:
         ``[b, nc]`` logits, float32 or wider (``out`` itself when given; otherwise a fresh tensor, which
@@ -98,6 +101,9 @@ def score_rows(
         logits = multiplied.amax(dim=1)
         if out is not None:
             logits = out.copy_(logits)
+    elif not widen and out is None and not steps.removes_entries and steps.temperature is None and steps.bias is None:
+        operands = matmul_operands(queries, candidates, steps)
+        return operands[0] @ operands[1].T
     else:
         logits = _product(*matmul_operands(queries, candidates, steps), out)
     # A fresh tensor without gradient is changed in place: each out-of-place step would allocate another block.

@@ -225,10 +225,26 @@ class _InBatchSoftmax(torch.autograd.Function):
         kept: list[torch.Tensor] = []
         pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         buffer = None if ctx.kept else queries.new_empty(min(block_rows, num_queries), num_candidates)
+        low_precision = operands[0].dtype != queries.dtype
         for start in range(0, num_queries, block_rows):
             block = operands[0][start : start + block_rows]
-            logits = score_rows(block, operands[1], start, steps, out=None if buffer is None else buffer[: len(block)])
-            positive = logits.diagonal(offset=start).clone()
+            if ctx.kept and low_precision:
+                # The exponentials are kept in the products' dtype: one native pass from the (bf16) product
+                # or the float32 logits to them, without widening and narrowing copies of the block.
+                logits = score_rows(block, operands[1], start, steps, widen=False)
+                positive = logits.diagonal(offset=start).to(queries.dtype)
+                narrowed = _native.softmax_rows_bf16(logits) if operands[0].dtype == torch.bfloat16 else None
+                if narrowed is not None:
+                    maxima, sums, exponentials = narrowed
+                    pieces.append((positive, maxima, sums))
+                    kept.append(exponentials)
+                    continue
+                logits = logits.to(queries.dtype)
+            else:
+                logits = score_rows(
+                    block, operands[1], start, steps, out=None if buffer is None else buffer[: len(block)]
+                )
+                positive = logits.diagonal(offset=start).clone()
             pieces.append((positive, *_row_statistics(logits)))
             if ctx.kept:
                 # In the products' dtype: the backward multiplies them as they are.
@@ -325,8 +341,15 @@ class _InBatchSoftmax(torch.autograd.Function):
                 candidate_piece = None
                 if need_candidates:
                     scaled_queries = (queries[rows_of_block] * row_scale).to(exponentials.dtype)
-                    # (Q^T E)^T rather than E^T Q: the same product, and the faster kernel for a wide E.
-                    candidate_piece = (scaled_queries.T @ exponentials).T
+                    if len(kept) > 1 and exponentials.dtype == candidates.dtype:
+                        # Several float blocks: accumulated in place by the GEMM itself (as fast as a fresh
+                        # product, without the addition).
+                        if grad_candidates is None:
+                            grad_candidates = torch.zeros_like(candidates)
+                        grad_candidates.addmm_(exponentials.T, scaled_queries)
+                    else:
+                        # (Q^T E)^T rather than E^T Q: the same product, and the faster kernel for one wide E.
+                        candidate_piece = (scaled_queries.T @ exponentials).T
             if query_piece is not None:
                 query_pieces.append(query_piece.to(queries.dtype))
             if candidate_piece is not None:

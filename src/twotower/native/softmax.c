@@ -94,6 +94,78 @@ void twotower_softmax_gradient_rows(float *logits, int64_t rows, int64_t cols, i
     }
 }
 
+/* bfloat16 <-> float32. Widening is exact; narrowing rounds to nearest even (exponentials are finite or NaN,
+ * and a quiet NaN stays NaN), as torch's .to(torch.bfloat16) does. */
+static inline float widen_bf16(uint16_t bits) {
+    union { uint32_t u; float f; } value = {(uint32_t)bits << 16};
+    return value.f;
+}
+
+static inline uint16_t narrow_bf16(float x) {
+    union { float f; uint32_t u; } value = {x};
+    return (uint16_t)((value.u + 0x7FFFu + ((value.u >> 16) & 1u)) >> 16);
+}
+
+#ifdef __AVX512F__
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline void store16_bf16(uint16_t *p, __m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(u));
+}
+#endif
+
+/* The row statistics of a block whose exponentials are kept in bfloat16 (the bf16 products' operand): for each
+ * row of `input` (bfloat16 when input_is_bf16, else float32; row stride in_stride) its maximum m, exp(l - m)
+ * computed in float32 and stored rounded to bfloat16 in `output` (row stride out_stride; it may be `input`
+ * itself when that is bfloat16), and the float32 sum of the unrounded exponentials. One visit of each row, where
+ * torch needs a widening copy, four passes and a narrowing copy. */
+void twotower_softmax_rows_bf16(const void *input, int64_t input_is_bf16, int64_t rows, int64_t cols,
+                                int64_t in_stride, uint16_t *output, int64_t out_stride, float *maxima, float *sums,
+                                int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *row16 = (const uint16_t *)input + r * in_stride;
+        const float *row32 = (const float *)input + r * in_stride;
+        uint16_t *out = output + r * out_stride;
+        float m = -INFINITY;
+        int64_t j = 0;
+#ifdef __AVX512F__
+        __m512 block_max = _mm512_set1_ps(-INFINITY);
+        for (; j + 16 <= cols; j += 16)
+            block_max = _mm512_max_ps(block_max, input_is_bf16 ? load16_bf16(row16 + j) : _mm512_loadu_ps(row32 + j));
+        m = _mm512_reduce_max_ps(block_max);
+#endif
+        for (; j < cols; ++j) {
+            float value = input_is_bf16 ? widen_bf16(row16[j]) : row32[j];
+            m = value > m ? value : m;
+        }
+        float s = 0.0f;
+        j = 0;
+#ifdef __AVX512F__
+        __m512 block_sum = _mm512_setzero_ps(), shift = _mm512_set1_ps(m);
+        for (; j + 16 <= cols; j += 16) {
+            __m512 value = input_is_bf16 ? load16_bf16(row16 + j) : _mm512_loadu_ps(row32 + j);
+            __m512 e = exp16(_mm512_sub_ps(value, shift));
+            store16_bf16(out + j, e);
+            block_sum = _mm512_add_ps(block_sum, e);
+        }
+        s = _mm512_reduce_add_ps(block_sum);
+#endif
+        for (; j < cols; ++j) {
+            float e = exp_scalar((input_is_bf16 ? widen_bf16(row16[j]) : row32[j]) - m);
+            out[j] = narrow_bf16(e);
+            s += e;
+        }
+        maxima[r] = m;
+        sums[r] = s;
+    }
+}
+
 /* Whether the vectorised path was compiled in (the scalar one is slower than torch's passes). */
 int twotower_softmax_rows_vectorized(void) {
 #ifdef __AVX512F__
