@@ -6,8 +6,8 @@ products in float32 or bf16, interleaved at each batch size.
 One forward + backward of ``in_batch_softmax_cross_entropy`` (D = 64, 2 threads) per variant and round; the
 variants alternate within each round (their order rotating), and the table gives each one's median milliseconds
 and its median per-round ratio to "kept, float32". "recomputed" sets the kept budget to 0 (what a batch above
-``twotower.losses._KEPT_ELEMENTS`` logits gets); "3 GEMMs" is ``Q C^T``, ``G C``, ``G^T Q`` alone with fresh
-outputs (the arithmetic with nothing else).
+``twotower.losses._KEPT_ELEMENTS`` logits gets, so above the budget "kept" recomputes too); "3 GEMMs" is
+``Q C^T``, ``G C``, ``G^T Q`` alone with fresh outputs (the arithmetic with nothing else).
 """
 
 from __future__ import annotations

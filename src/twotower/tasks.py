@@ -8,6 +8,7 @@ listed in the class docstring.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -45,6 +46,22 @@ def _as_metric_list(value: Any, name: str) -> list[NamedMetric]:
         if not isinstance(metric, NamedMetric):
             raise TypeError(f"{name} must hold twotower.metrics.NamedMetric objects, got {type(metric).__name__}")
     return metrics
+
+
+def _autocast_active(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except (TypeError, RuntimeError):  # torch < 2.4, or a device type autocast does not know
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A region without autocast on ``device_type`` (nothing to do where none is active)."""
+    if not _autocast_active(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 class Retrieval(nn.Module):
@@ -268,7 +285,7 @@ class Retrieval(nn.Module):
         need_logits = compute_batch_metrics and bool(self.batch_metrics)
         logits = labels = None
         # The products' dtype is steps.matmul_dtype: an enclosing autocast must not change it behind the steps.
-        with torch.autocast(device_type, enabled=False):
+        with _autocast_off(device_type):
             if self._uses_blocked_loss(batch, need_logits):
                 loss = self._blocked_loss(batch, steps)
             else:
@@ -318,7 +335,7 @@ class Retrieval(nn.Module):
         steps = batch.logit_steps(
             self.current_temperature(), self.remove_accidental_hits, self._matmul_dtype(device_type)
         )
-        with torch.autocast(device_type, enabled=False):
+        with _autocast_off(device_type):
             return self._logits(batch, steps)
 
     def _matmul_dtype(self, device_type: str) -> torch.dtype | None:
@@ -326,13 +343,13 @@ class Retrieval(nn.Module):
         autocast's."""
         if self.precision is not None:
             return _MATMUL_DTYPES[self.precision]
+        if not _autocast_active(device_type):
+            return None
         try:
-            active = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+            dtype = torch.get_autocast_dtype(device_type)
         except (TypeError, AttributeError):  # torch < 2.4 asks per device through other functions
-            getter = torch.is_autocast_cpu_enabled if device_type == "cpu" else torch.is_autocast_enabled
             dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
-            active = bool(getter()) and dtype == torch.bfloat16
-        return torch.bfloat16 if active else None
+        return torch.bfloat16 if dtype == torch.bfloat16 else None
 
     # -- the steps of forward(), in order ------------------------------------------------------------------------
 
