@@ -494,6 +494,15 @@ class TestBadInput:
             Retrieval()(broken[:3], self.candidates)
 
 
+def _without_native_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every softmax kernel declines, as on a machine where they are not built: torch's passes run instead."""
+    from twotower import _native
+
+    monkeypatch.setattr(_native, "softmax_rows", lambda logits: None)
+    monkeypatch.setattr(_native, "softmax_rows_bf16", lambda logits: None)
+    monkeypatch.setattr(_native, "softmax_gradient_rows", lambda logits, log_normalisers, scales: False)
+
+
 class TestFusedLoss:
     """The blocked loss (no materialised logits) against the materialised path and the numpy reference."""
 
@@ -645,18 +654,22 @@ class TestFusedLoss:
             for a, b in zip(first, expected, strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.parametrize("native_kernels", [True, False])
     @pytest.mark.parametrize("kept", [True, False])
     @pytest.mark.parametrize("with_mask", [True, False])
     def test_several_blocks_at_vector_widths_match_float64(
-        self, kept: bool, with_mask: bool, monkeypatch: pytest.MonkeyPatch
+        self, kept: bool, with_mask: bool, native_kernels: bool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Several blocks (the last partial) at widths that take the native kernels' vector lanes and tails, the
-        exponentials kept or recomputed (the one-pass gradient kernel): float64's loss and gradients, with a
-        temperature, logQ bias, accidental hits, masked entries and extra candidates."""
+        exponentials kept or recomputed (the one-pass gradient kernel, or torch's passes without the kernels):
+        float64's loss and gradients, with a temperature, logQ bias, accidental hits, masked entries and extra
+        candidates."""
         from twotower import losses
 
         if not kept:
             monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
+        if not native_kernels:
+            _without_native_kernels(monkeypatch)
         generator = torch.Generator().manual_seed(23)
         queries = torch.randn(37, 8, generator=generator, requires_grad=True)
         candidates = torch.randn(51, 8, generator=generator, requires_grad=True)
@@ -686,18 +699,22 @@ class TestFusedLoss:
         torch.testing.assert_close(queries.grad, q64.grad.float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(candidates.grad, c64.grad.float(), rtol=1e-4, atol=1e-4)
 
+    @pytest.mark.parametrize("native_kernels", [True, False])
     @pytest.mark.parametrize("kept", [True, False])
     @pytest.mark.parametrize("block_rows", [None, 16])
     def test_bf16_products_stay_within_bf16_error_of_float64(
-        self, kept: bool, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+        self, kept: bool, block_rows: int | None, native_kernels: bool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """precision="bf16": the loss and its gradients within bf16's rounding (2**-8 relative, on logits of
-        magnitude up to ~10) of float64's, one block or several, kept or recomputed."""
+        magnitude up to ~10) of float64's, one block or several, kept or recomputed, with or without the native
+        kernels."""
         from twotower import losses
         from twotower.logits import LogitSteps
 
         if not kept:
             monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
+        if not native_kernels:
+            _without_native_kernels(monkeypatch)
         generator = torch.Generator().manual_seed(31)
         queries = torch.randn(64, 32, generator=generator).div_(2).requires_grad_(True)
         candidates = torch.randn(80, 32, generator=generator).div_(2).requires_grad_(True)

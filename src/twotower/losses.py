@@ -232,7 +232,8 @@ class _InBatchSoftmax(torch.autograd.Function):
                 # The exponentials are kept in the products' dtype: one native pass from the (bf16) product
                 # or the float32 logits to them, without widening and narrowing copies of the block.
                 logits = score_rows(block, operands[1], start, steps, widen=False)
-                positive = logits.diagonal(offset=start).to(queries.dtype)
+                # A copy: without the kernel, the statistics below overwrite float32 logits in place.
+                positive = logits.diagonal(offset=start).to(queries.dtype, copy=True)
                 narrowed = _native.softmax_rows_bf16(logits) if operands[0].dtype == torch.bfloat16 else None
                 if narrowed is not None:
                     maxima, sums, exponentials = narrowed
