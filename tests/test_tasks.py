@@ -494,10 +494,16 @@ class TestBadInput:
             Retrieval()(broken[:3], self.candidates)
 
 
-def _without_native_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every softmax kernel declines, as on a machine where they are not built: torch's passes run instead."""
-    from twotower import _native
+def _blocked_loss_mode(monkeypatch: pytest.MonkeyPatch, kept: bool, native_kernels: bool = True) -> None:
+    """Set how the blocked loss runs: ``kept=False`` recomputes every block in the backward (a kept budget of 0),
+    ``native_kernels=False`` makes every softmax kernel decline, as on a machine where they are not built, so that
+    torch's passes run instead."""
+    from twotower import _native, losses
 
+    if not kept:
+        monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
+    if native_kernels:
+        return
     monkeypatch.setattr(_native, "softmax_rows", lambda logits: None)
     monkeypatch.setattr(_native, "softmax_rows_bf16", lambda logits: None)
     monkeypatch.setattr(_native, "softmax_gradient_rows", lambda logits, log_normalisers, scales: False)
@@ -567,11 +573,9 @@ class TestFusedLoss:
     ) -> None:
         """Several blocks (one partial) or one, their exponentials kept for the backward (which without a mask
         takes its gradient through the thin factors only) or, above the kept budget, recomputed there."""
-        from twotower import losses
         from twotower.losses import in_batch_softmax_cross_entropy
 
-        if not kept:
-            monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
+        _blocked_loss_mode(monkeypatch, kept)
 
         generator = torch.Generator().manual_seed(9)
         queries = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -664,12 +668,7 @@ class TestFusedLoss:
         exponentials kept or recomputed (the one-pass gradient kernel, or torch's passes without the kernels):
         float64's loss and gradients, with a temperature, logQ bias, accidental hits, masked entries and extra
         candidates."""
-        from twotower import losses
-
-        if not kept:
-            monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
-        if not native_kernels:
-            _without_native_kernels(monkeypatch)
+        _blocked_loss_mode(monkeypatch, kept, native_kernels)
         generator = torch.Generator().manual_seed(23)
         queries = torch.randn(37, 8, generator=generator, requires_grad=True)
         candidates = torch.randn(51, 8, generator=generator, requires_grad=True)
@@ -708,13 +707,9 @@ class TestFusedLoss:
         """precision="bf16": the loss and its gradients within bf16's rounding (2**-8 relative, on logits of
         magnitude up to ~10) of float64's, one block or several, kept or recomputed, with or without the native
         kernels."""
-        from twotower import losses
         from twotower.logits import LogitSteps
 
-        if not kept:
-            monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
-        if not native_kernels:
-            _without_native_kernels(monkeypatch)
+        _blocked_loss_mode(monkeypatch, kept, native_kernels)
         generator = torch.Generator().manual_seed(31)
         queries = torch.randn(64, 32, generator=generator).div_(2).requires_grad_(True)
         candidates = torch.randn(80, 32, generator=generator).div_(2).requires_grad_(True)

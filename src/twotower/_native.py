@@ -203,7 +203,7 @@ def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     Returns:
         ``(maxima [rows], sums [rows])``, as ``logits.amax(1)`` and ``exp(logits - maxima).sum(1)``.
     """
-    kernel = _vectorized_float32_rows(logits)
+    kernel = _vectorized_rows(logits)
     if kernel is None:
         return None
     rows = logits.shape[0]
@@ -215,12 +215,14 @@ def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
     return maxima, sums
 
 
-def _vectorized_float32_rows(logits: torch.Tensor) -> ctypes.CDLL | None:
+def _vectorized_rows(logits: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:
+    """The kernel, where it is built with AVX-512 and ``logits`` is a 2-D CPU block of one of ``dtypes`` with unit
+    column stride; ``None`` otherwise."""
     kernel = load()
     if (
         kernel is None
         or not kernel.twotower_softmax_rows_vectorized()
-        or logits.dtype != torch.float32
+        or logits.dtype not in dtypes
         or logits.device.type != "cpu"
         or logits.ndim != 2
         or logits.stride(1) != 1
@@ -233,7 +235,7 @@ def softmax_gradient_rows(logits: torch.Tensor, log_normalisers: torch.Tensor, s
     """Write ``exp(logits - log_normalisers[:, None]) * scales[:, None]`` over float32 CPU ``logits`` ``[rows,
     cols]`` (unit column stride) in one pass; ``log_normalisers`` and ``scales`` are ``[rows]``. Returns ``False``
     (``logits`` untouched) where the AVX-512 kernel is not built: the caller then runs torch's passes."""
-    kernel = _vectorized_float32_rows(logits)
+    kernel = _vectorized_rows(logits)
     if kernel is None:
         return False
     rows = logits.shape[0]
@@ -257,15 +259,8 @@ def softmax_rows_bf16(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         the unrounded exponentials), ``exponentials`` being ``logits`` itself when it is bfloat16. ``None``
         where the AVX-512 kernel is not built (``logits`` untouched).
     """
-    kernel = load()
-    if (
-        kernel is None
-        or not kernel.twotower_softmax_rows_vectorized()
-        or logits.dtype not in (torch.float32, torch.bfloat16)
-        or logits.device.type != "cpu"
-        or logits.ndim != 2
-        or logits.stride(1) != 1
-    ):
+    kernel = _vectorized_rows(logits, (torch.float32, torch.bfloat16))
+    if kernel is None:
         return None
     rows, cols = logits.shape
     is_bf16 = logits.dtype == torch.bfloat16

@@ -279,9 +279,7 @@ class Retrieval(nn.Module):
             batch = batch.across_ranks(with_negative_cache=self.negative_cache is not None)
         batch = self._with_cached_negatives(batch).with_known_positives_masked()
         device_type = batch.queries.device.type
-        steps = batch.logit_steps(
-            self.current_temperature(), self.remove_accidental_hits, self._matmul_dtype(device_type)
-        )
+        steps = self._logit_steps(batch)
         need_logits = compute_batch_metrics and bool(self.batch_metrics)
         logits = labels = None
         # The products' dtype is steps.matmul_dtype: an enclosing autocast must not change it behind the steps.
@@ -331,12 +329,14 @@ class Retrieval(nn.Module):
             check_finite=self.check_finite,
             needs_ids=self.remove_accidental_hits,
         )
-        device_type = batch.queries.device.type
-        steps = batch.logit_steps(
-            self.current_temperature(), self.remove_accidental_hits, self._matmul_dtype(device_type)
-        )
-        with _autocast_off(device_type):
+        steps = self._logit_steps(batch)
+        with _autocast_off(batch.queries.device.type):
             return self._logits(batch, steps)
+
+    def _logit_steps(self, batch: RetrievalBatch) -> LogitSteps:
+        """The batch's logit steps with this task's temperature, hit removal and products' dtype."""
+        matmul_dtype = self._matmul_dtype(batch.queries.device.type)
+        return batch.logit_steps(self.current_temperature(), self.remove_accidental_hits, matmul_dtype)
 
     def _matmul_dtype(self, device_type: str) -> torch.dtype | None:
         """The dtype of the loss's products: ``precision``'s, or under ``precision=None`` an enclosing bf16
