@@ -61,9 +61,9 @@ def test_fit_reports_tfrs_names_and_learns() -> None:
     for name in ("loss", "regularization_loss", "total_loss", "batch_top_1_categorical_accuracy", "loss_mean"):
         assert name in history[-1]
     assert history[-1]["total_loss"] == pytest.approx(history[-1]["loss"] + history[-1]["regularization_loss"])
-    # Factorized metrics are off while training (never updated), on while evaluating.
-    assert "factorized_top_k/top_10_categorical_accuracy" in history[-1]
-    assert history[-1]["factorized_top_k/top_10_categorical_accuracy"] == 0.0
+    # Factorized metrics are off while training (never updated): the history leaves them out rather than
+    # reporting 0.0 for a number nobody computed; evaluating computes them.
+    assert not any(name.startswith("factorized_top_k/") for row in history for name in row)
     assert (
         after["factorized_top_k/top_10_categorical_accuracy"]
         > before["factorized_top_k/top_10_categorical_accuracy"] + 0.05

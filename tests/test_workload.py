@@ -66,6 +66,24 @@ def test_recommend_excludes_seen_titles(run_dir: Path, capsys: pytest.CaptureFix
     assert lines[0].startswith("  1. ")
 
 
+def test_unknown_user_gets_the_training_popularity_ranking(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Counted by hand from the run's own seen.json (every training interaction, per user).
+    import json
+    from collections import Counter
+
+    seen = json.loads((run_dir / "seen.json").read_text())
+    counts = Counter(title for titles in seen.values() for title in titles)
+    assert main(["recommend", "--run", str(run_dir), "--user", "99999", "-k", "5"]) == 0
+    lines = capsys.readouterr().out.strip("\n").splitlines()
+    assert "is not in the run: the most popular training items" in lines[0]
+    assert len(lines) == 6
+    expected_counts = sorted(counts.values(), reverse=True)[:5]
+    for line, count in zip(lines[1:], expected_counts, strict=True):
+        assert line.endswith(f"({float(count):.3f})")
+        title = line.split(". ", 1)[1].rsplit("  (", 1)[0]
+        assert counts[title] == count
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -96,7 +114,7 @@ def test_damaged_runs_are_refused(
 def test_cli_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["recommend", "--run", str(tmp_path / "nothing"), "--user", "1"]) == 1
     assert "no run directory" in capsys.readouterr().err
-    assert main(["recommend", "--run", str(run_dir), "--user", "99999"]) == 1
+    assert main(["recommend", "--run", str(run_dir), "--user", "99999", "--unknown-users", "error"]) == 1
     assert "unknown user id '99999'" in capsys.readouterr().err
     assert main(["quickstart", "--data-dir", str(tmp_path), "--run-dir", str(tmp_path / "r")]) == 1
     assert "holds neither ml-100k/ nor ml-100k.zip" in capsys.readouterr().err

@@ -2,18 +2,22 @@
 
 * ``twotower quickstart``: the reference workload (TFRS's MovieLens 100K basic retrieval) trained, evaluated and
   saved as a run directory, with example recommendations;
-* ``twotower recommend --run DIR --user ID``: recommendations from a saved run;
+* ``twotower train --interactions FILE --user-col C --item-col I [--time-col T] --out DIR`` (or ``--config
+  FILE.toml``): your own interaction log to a trained, evaluated run, beside the popularity baseline;
+* ``twotower evaluate --run DIR``: re-evaluate a run; ``twotower recommend --run DIR --user ID``: recommendations
+  from a run or bundle; ``twotower serve --run DIR``: the HTTP service;
 * ``twotower synthetic``: a two-tower model on a generated data set (no download needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -23,7 +27,7 @@ from twotower.data.movielens import DataError, load_movielens
 from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
 from twotower.indexes import BruteForce
 from twotower.metrics import BatchTopKAccuracy, FactorizedTopK, LossMean
-from twotower.serving import BundleError
+from twotower.serving import BundleError, UnknownQueries
 from twotower.tasks import Retrieval
 from twotower.workload import (
     PUBLISHED,
@@ -69,25 +73,139 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_workload_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by ``quickstart`` and ``train``."""
-    parser.add_argument("--data-dir", help="folder holding ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
+#: The MovieLens reference workload's settings (TFRS's basic retrieval tutorial).
+_WORKLOAD_DEFAULTS = {"seed": 42, "epochs": 3, "batch_size": 8192, "embedding_dim": 32, "learning_rate": 0.1,
+                      "precision": "float32"}  # fmt: skip
+
+
+def _add_workload_flags(parser: argparse.ArgumentParser, pipeline: bool = False) -> None:
+    """The flags shared by ``quickstart`` and ``train`` (``train``'s default to None: the config file's value, else
+    the pipeline's or the MovieLens workload's default)."""
+
+    def default(name: str) -> Any:
+        return None if pipeline else _WORKLOAD_DEFAULTS[name]
+
+    parser.add_argument(
+        "--data-dir",
+        help="folder holding the MovieLens release chosen by --dataset, extracted (e.g. ml-100k/) or as its official "
+        "zip (default: $TWOTOWER_DATA_DIR; else downloaded from GroupLens and verified)",
+    )
     parser.add_argument(
         "--dataset", choices=["100k", "latest-small", "1m"], default="100k", help="MovieLens release (default 100k)"
     )
     parser.add_argument("--run-dir", default="runs/quickstart", help="where to save the run (default runs/quickstart)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of the split, initialisation and shuffling (42)")
-    parser.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8192, help="training batch size (default 8192)")
-    parser.add_argument("--embedding-dim", type=_positive_int, default=32, help="tower width (default 32)")
-    parser.add_argument("--learning-rate", type=_positive_float, default=0.1, help="Adagrad learning rate (0.1)")
+    parser.add_argument("--seed", type=int, default=default("seed"), help="seed of the split, initialisation and "
+                        "shuffling (quickstart: 42)")  # fmt: skip
+    parser.add_argument("--epochs", type=_positive_int, default=default("epochs"), help="training epochs "
+                        "(quickstart: 3; train: at most this many, with early stopping)")  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=default("batch_size"),
+                        help="training batch size (quickstart: 8192; train: 4096)")  # fmt: skip
+    parser.add_argument("--embedding-dim", type=_positive_int, default=default("embedding_dim"),
+                        help="tower width (quickstart: 32; train: 64)")  # fmt: skip
+    parser.add_argument("--learning-rate", type=_positive_float, default=default("learning_rate"),
+                        help="Adagrad learning rate (0.1)")  # fmt: skip
     parser.add_argument(
         "--precision",
         choices=["float32", "bf16"],
-        default="float32",
+        default=default("precision"),
         help="the loss's matrix products: float32 (default) or bf16 (faster on CPUs with bf16 matrix units)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (there are none when piped)")
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+#: ``twotower train``'s own-data flags: (flag, setting, type or choices, help).
+_PIPELINE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    (
+        "--interactions",
+        "interactions",
+        str,
+        "the log: a CSV or Parquet file, a directory of Parquet parts, or movielens:100k",
+    ),
+    ("--user-col", "user_col", str, "the user id column (default user_id)"),
+    ("--item-col", "item_col", str, "the item id column (default item_id)"),
+    (
+        "--time-col",
+        "time_col",
+        str,
+        "the event time column: integer seconds or milliseconds (detected and stated), "
+        "timestamps, dates or ISO-8601 text",
+    ),
+    ("--weight-col", "weight_col", str, "a column of non-negative weights for the loss"),
+    ("--items", "items", str, "the item catalogue (CSV or Parquet): every item a candidate"),
+    ("--item-id-col", "item_id_col", str, "the catalogue's id column (default: --item-col)"),
+    ("--item-title-col", "item_title_col", str, "the catalogue's display-title column"),
+    (
+        "--duplicates",
+        "duplicates",
+        ("keep", "drop"),
+        "rows repeating an earlier (user, item, time): keep (default) or drop",
+    ),
+    (
+        "--unknown-items",
+        "unknown_items",
+        ("keep", "drop"),
+        "interactions with items missing from the catalogue: drop (default) or keep",
+    ),
+    (
+        "--split",
+        "split",
+        ("time", "random", "last-n"),
+        "time: a global time cut (default); last-n: each user's latest --last-n; random: seeded",
+    ),
+    ("--test-fraction", "test_fraction", _fraction, "share of rows for test with time and random (default 0.1)"),
+    (
+        "--validation-fraction",
+        "validation_fraction",
+        _fraction,
+        "share of training rows for validation (early stopping; default 0.1, 0: none)",
+    ),
+    ("--test-from", "test_from", str, "with --split time: the first test moment, e.g. 2018-01-01"),
+    ("--last-n", "last_n", _positive_int, "with --split last-n: test interactions per user (default 1)"),
+    (
+        "--user-vocabulary",
+        "user_vocabulary",
+        ("train", "all"),
+        "users with an embedding: those of the training rows (default) or all",
+    ),
+    ("--user-oov-buckets", "user_oov_buckets", _positive_int, "rows shared by unknown users, by hash (default 1)"),
+    (
+        "--negatives",
+        "negatives",
+        ("in-batch", "mixed"),
+        "in-batch (default) or mixed: plus --num-negatives sampled items per batch",
+    ),
+    ("--num-negatives", "num_negatives", _positive_int, "sampled negatives per batch with --negatives mixed (1024)"),
+    ("--logq", "logq", _on_off, "the logQ (sampling-bias) correction: on (default) or off"),
+    ("--patience", "patience", int, "early stopping: epochs without a better validation Recall@K (default 3; 0: off)"),
+    ("--early-stopping-k", "early_stopping_k", _positive_int, "the K of early stopping's Recall@K (default 100)"),
+    ("--out", "out", str, "the run directory to write"),
+)
+
+
+def _add_unknown_users_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unknown-users",
+        choices=["popularity", "oov", "error"],
+        default="popularity",
+        help="a user the run does not know gets the most popular items (default), the out-of-vocabulary row's "
+        "answer, or an error; answers say which",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,23 +226,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train, evaluate and save the reference workload; runs unchanged under torchrun",
-        description="The quickstart's training and evaluation without the examples. Under 'torchrun "
-        "--nproc-per-node N' each process takes its slice of every global batch, negatives are shared across "
-        "processes and gradients summed, so the result does not depend on N; rank 0 prints and saves.",
+        help="train, evaluate and save a model on your own interaction log (or the MovieLens reference workload)",
+        description="With --interactions or --config: read the log (CSV, Parquet), split it, fit the vocabularies, "
+        "train id towers with early stopping, print the test table beside the popularity baseline and save the run "
+        "to --out (config.toml in it reproduces the run). Flags override the config file. Without them: the "
+        "quickstart's MovieLens workload without the examples, which also runs under 'torchrun --nproc-per-node "
+        "N' (negatives shared across processes, gradients summed; rank 0 prints and saves).",
     )
-    _add_workload_flags(train)
+    _add_workload_flags(train, pipeline=True)
+    train.add_argument("--config", help="a TOML file of settings (see examples/; flags given override it)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out (atomically)")
+    for flag, _, kind, text in _PIPELINE_FLAGS:
+        if isinstance(kind, tuple):
+            train.add_argument(flag, choices=kind, default=None, help=text)
+        else:
+            train.add_argument(flag, type=kind, default=None, help=text)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="re-evaluate a run saved by 'twotower train' on its test split",
+        description="Verify the run, read its data again (refused if it changed), split it as before, print the "
+        "test table beside the popularity baseline and rewrite the run's metrics.json.",
+    )
+    evaluate.add_argument("--run", required=True, help="the run directory")
 
     recommend = commands.add_parser(
         "recommend",
-        help="recommend movies for a user from a saved run",
-        description="Load a run saved by 'twotower quickstart' (verifying every file's checksum) and print the "
-        "top-k movie titles for a user, leaving out the titles the user rated in training.",
+        help="recommend items for a user from a saved run or bundle",
+        description="Load the bundle of a run saved by 'twotower quickstart' or 'twotower train' (RUN/bundle, or a "
+        "bundle directory; every file verified) and print the top-k items for a user, leaving out the items the "
+        "user had in training. It answers exactly as 'twotower serve' does.",
     )
-    recommend.add_argument("--run", required=True, help="the run directory")
-    recommend.add_argument("--user", required=True, help="the MovieLens user id, e.g. 42")
-    recommend.add_argument("-k", type=_positive_int, default=10, help="number of titles (default 10)")
-    recommend.add_argument("--include-seen", action="store_true", help="do not exclude titles seen in training")
+    recommend.add_argument("--run", required=True, help="the run directory (or a bundle directory)")
+    recommend.add_argument("--user", required=True, help="the user id, e.g. 42")
+    recommend.add_argument("-k", type=_positive_int, default=10, help="number of items (default 10)")
+    recommend.add_argument("--include-seen", action="store_true", help="do not exclude items seen in training")
+    _add_unknown_users_flag(recommend)
 
     serve = commands.add_parser(
         "serve",
@@ -155,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connections", type=_positive_int, default=1000, help="connections open at once (default 1000)"
     )
+    _add_unknown_users_flag(serve)
 
     synthetic = commands.add_parser(
         "synthetic",
@@ -238,6 +376,9 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     """Run the reference workload as ``twotower quickstart`` does; returns its results."""
+    for name, value in _WORKLOAD_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
     config = WorkloadConfig(
         dataset=args.dataset,
         seed=args.seed,
@@ -292,6 +433,7 @@ def run_serve(args: argparse.Namespace) -> None:
     bundle = load_bundle(
         directory / "bundle" if (directory / "bundle").is_dir() else directory,
         expected_manifest_sha256=args.expect_manifest_sha256,
+        unknown_queries=args.unknown_users,
     )
     server = make_server(
         bundle,
@@ -313,13 +455,116 @@ def _quiet(*_: object, **__: object) -> None:
     """Ranks other than 0 print nothing."""
 
 
+def _load_served_bundle(path: str, unknown_users: str) -> Any:
+    from twotower.serving import load_bundle
+
+    directory = Path(path)
+    if not directory.exists():
+        raise RunError(f"no run directory at {directory}")
+    policy = cast(UnknownQueries, unknown_users)  # argparse's choices already restrict it
+    if not (directory / "bundle").is_dir():
+        return load_bundle(directory, unknown_queries=policy)  # a bundle directory on its own
+    # A run: its own manifest is checked first, so a damaged run is refused as `evaluate` would refuse it, even
+    # where the damage is outside the bundle it serves from.
+    from twotower._files import read_verified_directory
+    from twotower.pipeline.runs import RUN_FORMAT as PIPELINE_RUN_FORMAT
+    from twotower.workload import RUN_FORMAT as WORKLOAD_RUN_FORMAT
+
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+        run_format = manifest.get("format") if isinstance(manifest, dict) else None
+    except (OSError, ValueError):
+        run_format = None  # read_verified_directory names what is wrong
+    expected = PIPELINE_RUN_FORMAT if run_format == PIPELINE_RUN_FORMAT else WORKLOAD_RUN_FORMAT
+    read_verified_directory(directory, expected, RunError, "run", exclusive=False)
+    return load_bundle(directory / "bundle", unknown_queries=policy)
+
+
 def run_recommend(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """Answer ``twotower recommend``; prints and returns ``(title, score)`` pairs."""
-    run = load_run(args.run)
-    answer = recommend(run, args.user, k=args.k, exclude_seen=not args.include_seen)
-    for rank, (title, score) in enumerate(answer, start=1):
-        print(f"{rank:>3}. {title}  ({score:.3f})")
-    return answer
+    """Answer ``twotower recommend`` from the run's bundle, as ``serve`` would; prints and returns ``(item,
+    score)`` pairs (a :class:`~twotower.serving.Recommendations`, whose ``source`` says how it was answered)."""
+    bundle = _load_served_bundle(args.run, args.unknown_users)
+    try:
+        answer = bundle.recommend(args.user, k=args.k, exclude_seen=not args.include_seen)
+    except KeyError as error:
+        raise RunError(
+            f"unknown user id {args.user!r}: the run's vocabulary does not hold it (--unknown-users popularity "
+            "answers such users with the most popular training items)"
+        ) from error
+    source = getattr(answer, "source", "model")
+    if source == "popularity":
+        print(f"user {args.user!r} is not in the run: the most popular training items (score: training count)")
+    elif source == "oov":
+        print(f"user {args.user!r} is not in the run: answered with the out-of-vocabulary row")
+    for rank, (item, score) in enumerate(answer, start=1):
+        title = bundle.title_of(item)
+        shown = item if title == item else f"{title} [{item}]"
+        print(f"{rank:>3}. {shown}  ({score:.3f})")
+    return list(answer)
+
+
+def _print_table(test: dict[str, Any], ks: Sequence[int]) -> None:
+    """The model beside popularity on the same test users, then cold users and TFRS's top-K accuracy."""
+    users = test.get("model/users", 0)
+    print(f"\ntest users with training history: {users:,} (training items excluded from their rankings)")
+    print(f"{'metric':<16}{'model':>10}{'popularity':>12}{'model / pop.':>14}")
+    names = [(f"Recall@{k}", f"recall@{k}") for k in ks] + [(f"NDCG@{k}", f"ndcg@{k}") for k in ks[-1:]]
+    names += [(f"hit rate@{k}", f"hit_rate@{k}") for k in ks[-1:]] + [("MRR", "mrr")]
+    for label, key in names:
+        if f"model/{key}" in test:
+            model, popular = test[f"model/{key}"], test.get(f"popularity/{key}")
+            ratio = f"{model / popular:>14.2f}" if popular else f"{'':>14}"
+            shown = f"{popular:>12.4f}" if popular is not None else f"{'':>12}"
+            print(f"{label:<16}{model:>10.4f}{shown}{ratio}")
+    cold = test.get("cold_users/users")
+    if cold:
+        k = ks[-1]
+        print(f"cold test users (not in training, answered by popularity): {cold:,}; their Recall@{k} "
+              f"{test[f'cold_users/recall@{k}']:.4f}")  # fmt: skip
+    rows, cold_items = test.get("split/eval_rows", 0), test.get("split/eval_cold_item_rows", 0)
+    if rows:
+        print(f"test interactions with items never seen in training (misses for any id model): {cold_items:,} "
+              f"of {rows:,}")  # fmt: skip
+    accuracy = [k for k in (1, 5, 10, 50, 100) if f"factorized_top_k/top_{k}_categorical_accuracy" in test]
+    if accuracy:
+        values = ", ".join(f"top-{k} {test[f'factorized_top_k/top_{k}_categorical_accuracy']:.4f}" for k in accuracy)
+        print(f"TFRS top-K accuracy (per test interaction, nothing excluded): {values}")
+
+
+def run_train_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    """``twotower train`` on an interaction log: train, evaluate, print, save; returns the test results."""
+    from twotower.pipeline.runs import check_output_directory, config_from_flags, save_run
+    from twotower.pipeline.training import train
+
+    flags = {setting: getattr(args, setting) for _, setting, _, _ in _PIPELINE_FLAGS}
+    for name in ("seed", "epochs", "batch_size", "embedding_dim", "learning_rate", "precision"):
+        flags[name] = getattr(args, name)
+    if args.data_dir is not None:
+        flags["data_dir"] = args.data_dir
+    config = config_from_flags(args.config, flags)
+    if not config.out:
+        raise ValueError("no run directory given: pass --out DIR (or out = ... under [run] in the config)")
+    # Refuse a taken output directory before any work, and write nothing until the run is complete.
+    check_output_directory(Path(config.out), args.overwrite)
+    started = time.perf_counter()
+    trained = train(config, progress=not args.no_progress, say=lambda line: print(line, flush=True))
+    test: dict[str, Any] = trained.results["test"]
+    _print_table(test, config.ks)
+    directory = save_run(config.out, trained, overwrite=args.overwrite)
+    print(f"\nsaved the run to {directory} ({time.perf_counter() - started:.1f}s); try: twotower recommend --run "
+          f"{directory} --user {trained.prepared.users.known_values()[0]!r}")  # fmt: skip
+    return test
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """``twotower evaluate --run DIR``."""
+    from twotower.pipeline.runs import evaluate_run, load_pipeline_run
+
+    run = load_pipeline_run(args.run)
+    test = evaluate_run(args.run)
+    _print_table(test, run.config.ks)
+    print(f"\nwrote {Path(args.run) / 'metrics.json'}")
+    return test
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,11 +572,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in ("quickstart", "train"):
+        if args.command == "train" and (args.interactions is not None or args.config is not None):
+            run_train_pipeline(args)
+        elif args.command in ("quickstart", "train"):
             try:
                 run_quickstart(args)
             finally:
                 distributed.shutdown()
+        elif args.command == "evaluate":
+            run_evaluate(args)
         elif args.command == "recommend":
             run_recommend(args)
         elif args.command == "serve":

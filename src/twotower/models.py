@@ -20,8 +20,9 @@ import math
 import os
 import random
 import re
+import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ class Model(nn.Module, abc.ABC):
         results: dict[str, float] = {}
         for task in self.tasks():
             results.update(task.metric_results())
+        return results
+
+    def updated_metric_results(self) -> dict[str, float]:
+        """:meth:`metric_results` of the metrics updated since their last reset only."""
+        results: dict[str, float] = {}
+        for task in self.tasks():
+            for metric in task.all_metrics():
+                if metric.update_count > 0:
+                    results.update(metric.results())
         return results
 
     def reset_metrics(self) -> None:
@@ -116,6 +126,7 @@ class Model(nn.Module, abc.ABC):
         resume: bool = True,
         compute_factorized_metrics: bool = False,
         progress: bool = True,
+        on_epoch_end: Callable[[dict[str, float]], bool] | None = None,
     ) -> list[dict[str, float]]:
         """Train for ``epochs`` epochs over ``train``.
 
@@ -127,11 +138,15 @@ class Model(nn.Module, abc.ABC):
             checkpoint_dir: where to write ``checkpoint-epochNNNN.pt`` after each epoch.
             resume: continue from the newest checkpoint in ``checkpoint_dir`` if there is one.
             compute_factorized_metrics: also compute whole-corpus metrics on training batches (slow).
-            progress: show a progress bar (tqdm).
+            progress: show a progress bar (tqdm), on a terminal only: piped output gets no bar.
+            on_epoch_end: called with each epoch's record (after validation and the checkpoint); returning
+                ``True`` stops training (early stopping).
 
         Returns:
-            The history: one dict per epoch with the epoch's task metrics, ``loss``, ``regularization_loss`` and
-            ``total_loss`` (means over the epoch's batches; TFRS reports the last batch's), and ``epoch``.
+            The history: one dict per epoch with the task metrics that the epoch computed (a metric that was not
+            updated, such as the factorized metrics while ``compute_factorized_metrics`` is off, is left out
+            rather than reported as 0), ``loss``, ``regularization_loss`` and ``total_loss`` (means over the
+            epoch's batches; TFRS reports the last batch's), and ``epoch``.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be a positive int, got {epochs!r}")
@@ -163,7 +178,7 @@ class Model(nn.Module, abc.ABC):
                         bar.set_postfix(loss=f"{sums['loss'] / batches:.2f}")
             if batches == 0:
                 raise ValueError("train yielded no batches")
-            record = {**self.metric_results(), **{key: value / batches for key, value in sums.items()}}
+            record = {**self.updated_metric_results(), **{key: value / batches for key, value in sums.items()}}
             record["epoch"] = float(epoch + 1)
             if validation is not None:
                 record.update({f"val_{key}": value for key, value in self.evaluate(validation, progress=False).items()})
@@ -175,6 +190,8 @@ class Model(nn.Module, abc.ABC):
                     self.save_checkpoint(path, optimizer, epoch + 1, history, train)
                 if distributed.is_distributed():
                     torch.distributed.barrier()
+            if on_epoch_end is not None and on_epoch_end(record):
+                break
         return history
 
     @torch.no_grad()
@@ -310,7 +327,8 @@ def latest_checkpoint(directory: str | os.PathLike[str], verified: bool = False)
 
 
 def _progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
+    # A bar redrawn with carriage returns is noise in a log file or a pipe: bars only on a terminal.
+    if not enabled or not sys.stderr.isatty():
         return batches
     from tqdm.auto import tqdm
 

@@ -26,7 +26,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -47,6 +47,22 @@ BUNDLE_FORMAT = "twotower.bundle/2"
 MAX_K = 1000
 MAX_EXCLUSIONS = 10_000
 MAX_BODY_BYTES = 1 << 20
+#: How a bundle answers a query id its vocabulary does not hold: the most popular training items
+#: (``"popularity"``), the tower's out-of-vocabulary row (``"oov"``), or a ``KeyError`` / HTTP 404 (``"error"``).
+UnknownQueries = Literal["popularity", "oov", "error"]
+UNKNOWN_QUERY_POLICIES = ("popularity", "oov", "error")
+# A popularity ranking long enough for any request: MAX_K items left after MAX_EXCLUSIONS are removed.
+POPULARITY_DEPTH = MAX_K + MAX_EXCLUSIONS
+
+
+class Recommendations(list[tuple[str, float]]):
+    """``(item, score)`` pairs, best first, and where they came from: :attr:`source` is ``"model"`` (the query
+    tower and the index), ``"oov"`` (the tower's out-of-vocabulary row, for an unknown id) or ``"popularity"``
+    (the most popular training items, for an unknown id; the score is the item's training count)."""
+
+    def __init__(self, pairs: Any = (), source: str = "model") -> None:
+        super().__init__(pairs)
+        self.source = source
 
 
 class BundleError(ValueError):
@@ -66,6 +82,7 @@ def save_bundle(
     seen: dict[str, list[str]] | None = None,
     metadata: dict[str, Any] | None = None,
     item_titles: dict[str, str] | None = None,
+    popularity: Sequence[tuple[str, float]] | None = None,
 ) -> Path:
     """Write a bundle directory atomically (built beside it, then swapped into place in one step).
 
@@ -83,6 +100,8 @@ def save_bundle(
         metadata: free-form JSON-serialisable description.
         item_titles: display titles of items by id, returned beside the ids; an item without one is shown by its
             id (MovieLens runs use the titles themselves as ids, as TFRS does).
+        popularity: ``(item id, training count)`` pairs, most popular first: the answer for query ids the
+            vocabulary does not hold (see :data:`UnknownQueries`). The first :data:`POPULARITY_DEPTH` are kept.
 
     Returns:
         the bundle's path. Its ``manifest.json``'s SHA-256 (:attr:`Bundle.manifest_sha256` once loaded) pins
@@ -103,9 +122,10 @@ def save_bundle(
     try:
         files = {
             "tower.safetensors": save_tensors(tower_tensors(query_tower)),
-            "vocabulary.json": _json(query_vocabulary.to_list()),
+            "vocabulary.json": _json(query_vocabulary.to_json()),
             "seen.json": _json({str(key): [str(item) for item in items] for key, items in (seen or {}).items()}),
             "items.json": _json({str(k): str(v) for k, v in (item_titles or {}).items()}),
+            "popularity.json": _json(_popularity_pairs(popularity)),
             "metadata.json": _json(
                 {"index_kind": type(index).__name__, "tower": description, "metadata": metadata or {}}, indent=2
             ),
@@ -123,6 +143,20 @@ def save_bundle(
         shutil.rmtree(building, ignore_errors=True)
         raise
     return target
+
+
+def _popularity_pairs(popularity: Sequence[tuple[str, float]] | None) -> list[list[Any]]:
+    if popularity is None:
+        return []
+    pairs = []
+    for entry in list(popularity)[:POPULARITY_DEPTH]:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise TypeError(f"popularity must hold (item id, count) pairs, got {entry!r}")
+        count = float(entry[1])
+        if not math.isfinite(count):
+            raise ValueError(f"popularity counts must be finite, got {count} for {entry[0]!r}")
+        pairs.append([entry[0], count])
+    return pairs
 
 
 def _json(value: Any, indent: int | None = None) -> bytes:
@@ -156,6 +190,15 @@ class Bundle:
     item_titles: dict[str, str] = field(default_factory=dict)
     #: the SHA-256 of the bundle's manifest.json, which pins every file of it (see :func:`load_bundle`).
     manifest_sha256: str = ""
+    #: ``(item id, training count)``, most popular first: the answer to unknown query ids (may be empty).
+    popularity: list[tuple[str, float]] = field(default_factory=list)
+    #: what an unknown query id gets (see :data:`UnknownQueries`): the popularity ranking where the bundle
+    #: has one, else a ``KeyError``.
+    unknown_queries: UnknownQueries = "popularity"
+
+    def __post_init__(self) -> None:
+        if self.unknown_queries not in UNKNOWN_QUERY_POLICIES:
+            raise ValueError(f"unknown_queries must be one of {UNKNOWN_QUERY_POLICIES}, got {self.unknown_queries!r}")
 
     def title_of(self, item: str) -> str:
         """The item's display title: from the bundle's item map, else the id itself."""
@@ -163,26 +206,41 @@ class Bundle:
 
     def recommend(
         self, query_id: str, k: int = 10, exclude: Sequence[str] | None = None, exclude_seen: bool = True
-    ) -> list[tuple[str, float]]:
-        """Top-``k`` ``(item, score)`` pairs for ``query_id``; raises ``KeyError`` for an unknown id."""
+    ) -> Recommendations:
+        """Top-``k`` ``(item, score)`` pairs for ``query_id`` (:class:`Recommendations`, marked with their source);
+        an unknown id is answered as :attr:`unknown_queries` says (a ``KeyError`` for ``"error"``)."""
         answer = self.recommend_batch([Query(query_id, k, tuple(exclude or ()), exclude_seen)])[0]
         if isinstance(answer, KeyError):
             raise answer
         return answer
 
-    def recommend_batch(self, queries: Sequence["Query"]) -> list[list[tuple[str, float]] | KeyError]:
+    def recommend_batch(self, queries: Sequence["Query"]) -> list[Recommendations | KeyError]:
         """Answer several queries with one tower call and one index search per distinct ``k``.
 
         Returns:
-            one entry per query, in order: its ``(item, score)`` pairs (best first, excluded items left out), or
-            a ``KeyError`` for a query id the vocabulary does not know. Each answer equals what
-            :meth:`recommend` gives for that query alone.
+            one entry per query, in order: its :class:`Recommendations` (best first, excluded items left out),
+            or, for a query id the vocabulary does not know, the popularity ranking or the OOV row's answer as
+            :attr:`unknown_queries` says, or a ``KeyError`` (``"error"``, or ``"popularity"`` without a ranking).
+            Each answer equals what :meth:`recommend` gives for that query alone.
         """
         rows = self.vocabulary.lookup([query.query_id for query in queries])
-        answers: list[list[tuple[str, float]] | KeyError] = [
+        answers: list[Recommendations | KeyError] = [
             KeyError(f"unknown query id {query.query_id!r}") for query in queries
         ]
-        known = [position for position, row in enumerate(rows.tolist()) if row != 0]
+        # A hashing vocabulary (no known values) has no unknown ids: every id has its bucket.
+        hashing = self.vocabulary.num_values == 0
+        buckets = self.vocabulary.num_oov_buckets
+        unknown = [] if hashing else [position for position, row in enumerate(rows.tolist()) if row < buckets]
+        sources = ["model"] * len(queries)
+        if self.unknown_queries == "popularity" and self.popularity:
+            for position in unknown:
+                answers[position] = self._popular(queries[position])
+        elif self.unknown_queries == "oov":
+            for position in unknown:
+                sources[position] = "oov"
+        # Unknown ids are answered by the tower only with "oov"; otherwise by popularity above, or a KeyError.
+        not_by_tower = set(unknown) if self.unknown_queries != "oov" else set()
+        known = [position for position in range(len(queries)) if position not in not_by_tower]
         if not known:
             return answers
         with torch.no_grad():
@@ -201,12 +259,22 @@ class Bundle:
             answered = zip(slots, np.asarray(items).tolist(), scores.tolist(), positions.tolist(), strict=True)
             for slot, item_row, score_row, position_row in answered:
                 # Empty slots (fewer than k items left) have position -1; a real item's score can be -inf.
-                answers[known[slot]] = [
-                    (str(item), float(score))
-                    for item, score, position in zip(item_row, score_row, position_row, strict=True)
-                    if position >= 0
-                ]
+                # Excluded items come back at -inf when fewer than k others remain: they are not recommendations.
+                answers[known[slot]] = Recommendations(
+                    [
+                        (str(item), float(score))
+                        for item, score, position in zip(item_row, score_row, position_row, strict=True)
+                        if position >= 0 and score != -math.inf
+                    ],
+                    source=sources[known[slot]],
+                )
         return answers
+
+    def _popular(self, query: "Query") -> Recommendations:
+        """The most popular items not excluded for ``query`` (an unknown id has no seen items)."""
+        excluded = set(query.exclude)
+        chosen = [(item, count) for item, count in self.popularity if item not in excluded][: query.k]
+        return Recommendations(chosen, source="popularity")
 
 
 @dataclass(frozen=True)
@@ -267,9 +335,9 @@ class MicroBatcher:
         if self._worker.is_alive():
             self._worker.join()
 
-    def submit(self, query: Query) -> "concurrent.futures.Future[list[tuple[str, float]]]":
+    def submit(self, query: Query) -> "concurrent.futures.Future[Recommendations]":
         """Queue ``query``; the future gets its answer, or the ``KeyError`` of an unknown id."""
-        future: concurrent.futures.Future[list[tuple[str, float]]] = concurrent.futures.Future()
+        future: concurrent.futures.Future[Recommendations] = concurrent.futures.Future()
         self._waiting.put((query, future))
         return future
 
@@ -307,7 +375,11 @@ class MicroBatcher:
                     future.set_result(answer)
 
 
-def load_bundle(directory: str | os.PathLike[str], expected_manifest_sha256: str | None = None) -> Bundle:
+def load_bundle(
+    directory: str | os.PathLike[str],
+    expected_manifest_sha256: str | None = None,
+    unknown_queries: UnknownQueries = "popularity",
+) -> Bundle:
     """Load a bundle written by :func:`save_bundle`, verifying every file against the manifest.
 
     Loading runs no code from the bundle: the tower is rebuilt from its layer list and its weights read from
@@ -318,6 +390,7 @@ def load_bundle(directory: str | os.PathLike[str], expected_manifest_sha256: str
         expected_manifest_sha256: the SHA-256 of the bundle's ``manifest.json`` (printed by ``twotower serve``
             and kept in :attr:`Bundle.manifest_sha256`). The checksums in a manifest only show that the files
             match it; pinning the manifest shows that the bundle is the one you expect.
+        unknown_queries: what a query id the vocabulary does not hold gets (see :data:`UnknownQueries`).
 
     Raises:
         BundleError: the bundle is missing, incomplete, changed, not the pinned one, or malformed.
@@ -351,8 +424,20 @@ def load_bundle(directory: str | os.PathLike[str], expected_manifest_sha256: str
     vocabulary = parse_json(contents["vocabulary.json"], f"{directory}/vocabulary.json", BundleError)
     seen = parse_json(contents["seen.json"], f"{directory}/seen.json", BundleError)
     items = parse_json(contents["items.json"], f"{directory}/items.json", BundleError)
-    if not isinstance(vocabulary, list) or not vocabulary or not all(isinstance(value, str) for value in vocabulary):
-        raise BundleError(f"{directory}/vocabulary.json must be a non-empty list of strings")
+    popularity = (
+        parse_json(contents["popularity.json"], f"{directory}/popularity.json", BundleError)
+        if "popularity.json" in contents
+        else []  # bundles saved before popularity fallbacks
+    )
+    if not isinstance(popularity, list) or not all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and isinstance(pair[0], str)
+        and isinstance(pair[1], (int, float))
+        and not isinstance(pair[1], bool)
+        for pair in popularity
+    ):
+        raise BundleError(f"{directory}/popularity.json must be a list of [item id, count] pairs")
     if not isinstance(seen, dict) or not all(
         isinstance(values, list) and all(isinstance(value, str) for value in values) for values in seen.values()
     ):
@@ -360,8 +445,8 @@ def load_bundle(directory: str | os.PathLike[str], expected_manifest_sha256: str
     if not isinstance(items, dict) or not all(isinstance(value, str) for value in items.values()):
         raise BundleError(f"{directory}/items.json must map item ids to titles")
     try:
-        query_vocabulary = Vocabulary(vocabulary)
-    except ValueError as error:
+        query_vocabulary = Vocabulary.from_json(vocabulary, f"{directory}/vocabulary.json")
+    except (TypeError, ValueError) as error:
         raise BundleError(f"{directory}/vocabulary.json: {error}") from error
     return Bundle(
         tower=tower,
@@ -371,6 +456,8 @@ def load_bundle(directory: str | os.PathLike[str], expected_manifest_sha256: str
         metadata=info["metadata"] if isinstance(info.get("metadata"), dict) else {},
         item_titles=items,
         manifest_sha256=str(manifest["manifest_sha256"]),
+        popularity=[(str(item), float(count)) for item, count in popularity],
+        unknown_queries=unknown_queries,
     )
 
 
@@ -427,6 +514,10 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
     class RecommendResponse(BaseModel):
         user_id: str
         items: list[Item]
+        source: str = Field(
+            description="model: the user's embedding; popularity: the user is unknown, the most popular items; "
+            "oov: the user is unknown, the out-of-vocabulary row's answer"
+        )
 
     batcher = MicroBatcher(bundle, max_batch)
 
@@ -465,6 +556,7 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
         return RecommendResponse(
             user_id=request.user_id,
             items=[Item(id=item, title=bundle.title_of(item), score=_json_score(score)) for item, score in pairs],
+            source=getattr(pairs, "source", "model"),
         )
 
     return app

@@ -180,6 +180,17 @@ def _per_user(users: torch.Tensor, titles: torch.Tensor, vocabulary: Vocabulary)
     return grouped
 
 
+def _popularity(prepared: PreparedData) -> list[tuple[str, float]]:
+    """``(title, training count)``, most watched first (ties: by vocabulary order): unknown users' answer."""
+    counts = np.bincount(prepared.train_titles.numpy(), minlength=len(prepared.titles) + 1)
+    order = np.lexsort((np.arange(counts.shape[0]), -counts))
+    return [
+        (str(prepared.titles.values[row - 1]), float(counts[row]))
+        for row in order.tolist()
+        if row >= 1 and counts[row] > 0
+    ]
+
+
 def evaluate_ranking(model: BasicRetrievalModel, prepared: PreparedData) -> dict[str, float]:
     """Recall/Precision/NDCG@K, hit rate and MRR per test user, the user's training titles excluded."""
     relevant = _per_user(prepared.test_users, prepared.test_titles, prepared.titles)
@@ -242,7 +253,7 @@ def save_run(
     files: dict[str, bytes] = {}
     files["model.safetensors"] = save({name: tensor.contiguous() for name, tensor in model.state_dict().items()})
     files["vocabularies.json"] = json.dumps(
-        {"user_id": prepared.users.to_list(), "movie_title": prepared.titles.to_list()}
+        {"user_id": prepared.users.known_values(), "movie_title": prepared.titles.known_values()}
     ).encode()
     seen = _per_user(prepared.train_users, prepared.train_titles, prepared.titles)
     seen_by_id = {str(prepared.users.values[user - 1]): titles for user, titles in seen.items()}
@@ -264,6 +275,7 @@ def save_run(
             prepared.users,
             seen_by_id,
             {"workload": "MovieLens basic retrieval", "config": asdict(config)},
+            popularity=_popularity(prepared),
         )
         manifest = {
             "format": RUN_FORMAT,

@@ -1,5 +1,18 @@
-"""Data sets for retrieval: generated interactions (:mod:`twotower.data.synthetic`)."""
+"""Data for retrieval: your own interaction logs (:mod:`twotower.data.interactions`), their splits
+(:mod:`twotower.data.splits`), MovieLens (:mod:`twotower.data.movielens`) and generated interactions
+(:mod:`twotower.data.synthetic`)."""
 
+from twotower.data.interactions import Interactions, InteractionsError, ReadReport, read_table
+from twotower.data.splits import Split, split_interactions
 from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
 
-__all__ = ["SyntheticInteractions", "make_synthetic_interactions"]
+__all__ = [
+    "Interactions",
+    "InteractionsError",
+    "ReadReport",
+    "Split",
+    "SyntheticInteractions",
+    "make_synthetic_interactions",
+    "read_table",
+    "split_interactions",
+]

@@ -1,0 +1,140 @@
+"""Train / validation / test splits of an interaction log: a global time cut, per-user leave-last-N, or random.
+
+A time split is what a deployed model faces (it is trained on the past and serves the future); leave-last-N keeps
+every user in training; a random split is TFRS's tutorials' (80/20, seeded). The validation split, used for early
+stopping, is cut from the training rows by the same method, so that it stands to training as the test split does.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from twotower.data.interactions import Interactions, InteractionsError
+
+SplitMethod = Literal["time", "random", "last-n"]
+SPLIT_METHODS = ("time", "random", "last-n")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices (``int64``, into the log) of each part, and how they were cut.
+
+    Attributes:
+        train, validation, test: disjoint row indices covering the log; ``validation`` may be empty.
+        description: one line saying how the parts were cut (e.g. the time of the cut).
+    """
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    description: str
+
+
+def _time_cut(times: np.ndarray, fraction: float, before: str | None, what: str) -> tuple[np.ndarray, str]:
+    """Rows at or after the cut: the ``1 - fraction`` quantile of ``times``, or the date ``before``."""
+    if before is not None:
+        try:
+            moment = datetime.datetime.fromisoformat(before)
+        except ValueError:
+            raise ValueError(f"test_from must be an ISO-8601 date or time such as 2018-06-01, got {before!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.timezone.utc)
+        cut = int(moment.timestamp())
+    else:
+        cut = int(np.quantile(times, 1.0 - fraction, method="higher"))
+    after = times >= cut
+    when = datetime.datetime.fromtimestamp(cut, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return after, f"{what} from {when} on"
+
+
+def _last_n_per_user(users: np.ndarray, times: np.ndarray | None, count: int) -> np.ndarray:
+    """``[n]`` bool: each user's last ``count`` rows by time (ties and logs without times: by row order), for users
+    with more than ``count`` rows (a user needs at least one training row)."""
+    rows = np.arange(users.shape[0])
+    order = np.lexsort((rows, users)) if times is None else np.lexsort((rows, times, users))
+    sorted_users = users[order]
+    # Position from the end of each user's run of rows.
+    boundaries = np.flatnonzero(np.diff(sorted_users)) + 1
+    ends = np.append(boundaries, sorted_users.shape[0])
+    starts = np.insert(boundaries, 0, 0)
+    lengths = ends - starts
+    from_end = np.repeat(ends, lengths) - np.arange(sorted_users.shape[0])  # 1 for the last row
+    chosen = (from_end <= count) & (np.repeat(lengths, lengths) > count)
+    mask = np.zeros(users.shape[0], dtype=bool)
+    mask[order[chosen]] = True
+    return mask
+
+
+def split_interactions(
+    interactions: Interactions,
+    method: SplitMethod = "time",
+    test_fraction: float = 0.1,
+    validation_fraction: float = 0.1,
+    test_from: str | None = None,
+    last_n: int = 1,
+    seed: int = 0,
+) -> Split:
+    """Split a log into train, validation and test rows.
+
+    Args:
+        interactions: the log.
+        method: ``"time"``: every row at or after a global cut (the ``1 - test_fraction`` quantile of the times,
+            or ``test_from``) is test; ``"last-n"``: each user's ``last_n`` latest rows are test (users with
+            ``last_n`` rows or fewer stay wholly in training); ``"random"``: a seeded ``test_fraction`` of rows.
+        test_fraction: the share of rows for test (``time`` and ``random``), in ``(0, 1)``.
+        validation_fraction: the share of the training rows cut off, by the same method, for validation; 0 for
+            none. With ``last-n`` any value > 0 takes each user's ``last_n`` latest training rows.
+        test_from: with ``time``, the first test moment as an ISO-8601 date or time (UTC unless it says).
+        last_n: with ``last-n``, how many rows per user.
+        seed: the seed of ``random``.
+
+    Raises:
+        ValueError: a bad argument, or a method that needs times on a log without them.
+        InteractionsError: the split leaves no training or no test rows.
+    """
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"method must be one of {SPLIT_METHODS}, got {method!r}")
+    for name, value, low in (("test_fraction", test_fraction, 0.0), ("validation_fraction", validation_fraction, -1)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < 1:
+            bounds = "(0, 1)" if low == 0.0 else "[0, 1)"
+            raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
+    if isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1:
+        raise ValueError(f"last_n must be a positive int, got {last_n!r}")
+    times = interactions.timestamps
+    if method == "time" and times is None:
+        raise ValueError("a time split needs a time column (time_col / --time-col); use --split random or last-n")
+    rows = np.arange(len(interactions), dtype=np.int64)
+
+    def cut(part: np.ndarray, fraction: float, what: str, salt: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Split ``part`` (row indices) into (kept, cut off, description)."""
+        if method == "time":
+            assert times is not None
+            after, text = _time_cut(times[part], fraction, test_from if salt == 0 else None, what)
+        elif method == "last-n":
+            after = _last_n_per_user(interactions.user_codes[part], None if times is None else times[part], last_n)
+            text = f"{what}: each user's last {last_n} interaction(s)" + ("" if times is not None else " by row order")
+        else:
+            # As MovieLens.split and the TFRS tutorials: a seeded permutation, the first share kept.
+            order = np.random.default_rng(seed + salt).permutation(part.shape[0])
+            kept = round((1.0 - fraction) * part.shape[0])
+            text = f"{what}: a random {fraction:.0%} (seed {seed})"
+            return part[order[:kept]], part[order[kept:]], text
+        return part[~after], part[after], text
+
+    train, test, description = cut(rows, test_fraction, "test", 0)
+    if test.shape[0] == 0:
+        raise InteractionsError(f"the {method} split leaves no test rows: {description}")
+    if train.shape[0] == 0:
+        raise InteractionsError(f"the {method} split leaves no training rows: {description}")
+    validation = np.zeros(0, dtype=np.int64)
+    if validation_fraction > 0:
+        kept, validation, text = cut(train, validation_fraction, "validation", 1)
+        if kept.shape[0] and validation.shape[0]:
+            train, description = kept, f"{description}; {text}"
+        else:
+            validation = np.zeros(0, dtype=np.int64)
+    return Split(train=train, validation=validation, test=test, description=description)

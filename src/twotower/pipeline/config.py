@@ -1,0 +1,242 @@
+"""The settings of one pipeline run, from Python, a TOML file or command-line flags (flags override the file).
+
+A run saves its resolved settings as ``config.toml`` (paths made absolute), so that
+``twotower train --config runs/shop/config.toml`` trains the same model again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from twotower.data.splits import SPLIT_METHODS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+Negatives = Literal["in-batch", "mixed"]
+#: The TOML section of every setting.
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": (
+        "interactions",
+        "user_col",
+        "item_col",
+        "time_col",
+        "weight_col",
+        "items",
+        "item_id_col",
+        "item_title_col",
+        "duplicates",
+        "unknown_items",
+        "data_dir",
+    ),
+    "split": ("split", "test_fraction", "validation_fraction", "test_from", "last_n"),
+    "vocabulary": ("user_vocabulary", "user_oov_buckets"),
+    "model": ("embedding_dim", "init_scale"),
+    "training": (
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "negatives",
+        "num_negatives",
+        "logq",
+        "remove_accidental_hits",
+        "patience",
+        "early_stopping_k",
+        "precision",
+        "seed",
+    ),
+    "evaluation": ("ks", "eval_batch_size"),
+    "run": ("out",),
+}
+#: Settings that name files: resolved against the config file's folder, saved absolute.
+_PATHS = ("interactions", "items", "data_dir", "out")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting of a run, with defaults that work for an id-only model on an interaction log.
+
+    Data: ``interactions`` is a CSV or Parquet file, a directory of Parquet parts, or ``movielens:100k`` (also
+    ``movielens:latest-small``, ``movielens:1m``: ratings as interactions, movie titles as items, the release's
+    movies as the catalogue). Split: see :func:`~twotower.data.splits.split_interactions`. Vocabulary: users are
+    those of the training rows (``user_vocabulary="all"``: of every row, as the TFRS tutorials do), unknown users
+    share ``user_oov_buckets`` hashed rows. Model: id embeddings of ``embedding_dim``, initialised
+    uniform(±``init_scale``) as Keras does (``nn.Embedding``'s N(0, 1) default trains badly). Training: Adagrad
+    (Keras's), the in-batch softmax with the logQ correction and, with ``negatives="mixed"``, ``num_negatives``
+    extra uniformly sampled items per batch; early stopping on the validation Recall@``early_stopping_k`` after
+    ``patience`` epochs without improvement (0: train every epoch).
+    """
+
+    interactions: str = ""
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = ""
+    weight_col: str = ""
+    items: str = ""
+    item_id_col: str = ""
+    item_title_col: str = ""
+    duplicates: str = "keep"
+    unknown_items: str = "drop"
+    data_dir: str = ""
+    split: str = "time"
+    test_fraction: float = 0.1
+    validation_fraction: float = 0.1
+    test_from: str = ""
+    last_n: int = 1
+    user_vocabulary: str = "train"
+    user_oov_buckets: int = 1
+    embedding_dim: int = 64
+    init_scale: float = 0.05
+    epochs: int = 30
+    batch_size: int = 4096
+    learning_rate: float = 0.1
+    negatives: str = "in-batch"
+    num_negatives: int = 1024
+    logq: bool = True
+    remove_accidental_hits: bool = True
+    patience: int = 3
+    early_stopping_k: int = 100
+    precision: str = "float32"
+    seed: int = 0
+    ks: tuple[int, ...] = (10, 50, 100)
+    eval_batch_size: int = 4096
+    out: str = ""
+
+    def __post_init__(self) -> None:
+        # A TOML file or a caller may give ks as a list; the frozen config keeps a tuple.
+        ks: object = self.ks
+        if isinstance(ks, list):
+            object.__setattr__(self, "ks", tuple(ks))
+        kinds: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            expected = kinds.get(str(item.type))
+            if expected is not None and (
+                not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))
+            ):
+                raise ConfigError(f"{item.name} must be a {item.type}, got {value!r}")
+        choices = {
+            "duplicates": ("keep", "drop"),
+            "unknown_items": ("keep", "drop"),
+            "split": SPLIT_METHODS,
+            "user_vocabulary": ("train", "all"),
+            "negatives": ("in-batch", "mixed"),
+            "precision": ("float32", "bf16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("last_n", "user_oov_buckets", "embedding_dim", "epochs", "batch_size", "num_negatives"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("early_stopping_k", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must lie in [0, 1), got {self.validation_fraction}")
+        for name in ("learning_rate", "init_scale"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not self.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.ks):
+            raise ConfigError(f"ks must be a non-empty list of positive ints, got {list(self.ks)}")
+
+    @property
+    def movielens_release(self) -> str | None:
+        """The MovieLens release named by ``interactions = "movielens:<release>"``, else ``None``."""
+        return self.interactions.split(":", 1)[1] if self.interactions.startswith("movielens:") else None
+
+    def replace(self, **changes: Any) -> PipelineConfig:
+        """A copy with ``changes`` (each checked)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        """The settings as TOML, one section per :data:`SECTIONS` entry."""
+        import tomli_w
+
+        document: dict[str, dict[str, Any]] = {}
+        for section, names in SECTIONS.items():
+            document[section] = {name: _toml_value(getattr(self, name)) for name in names}
+        return tomli_w.dumps(document)
+
+
+def _toml_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _flatten(document: dict[str, Any], source: str) -> dict[str, Any]:
+    known = {name for names in SECTIONS.values() for name in names}
+    settings: dict[str, Any] = {}
+    for section, values in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; the sections are {list(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of settings")
+        for name, value in values.items():
+            if name not in known:
+                raise ConfigError(f"{source}: unknown setting {name!r} in [{section}]")
+            if name not in SECTIONS[section]:
+                home = next(key for key, names in SECTIONS.items() if name in names)
+                raise ConfigError(f"{source}: {name!r} belongs in [{home}], not [{section}]")
+            settings[name] = value
+    return settings
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a TOML config; ``overrides`` (e.g. command-line flags that were given) win over the file.
+
+    Relative paths in the file are taken from the file's folder, so a config works from any directory.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or holds an unknown or bad setting.
+    """
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    settings = _flatten(document, str(path))
+    for name in _PATHS:
+        value = settings.get(name)
+        if isinstance(value, str) and value and not value.startswith("movielens:") and not Path(value).is_absolute():
+            settings[name] = str((path.parent / value).resolve())
+    settings.update(overrides or {})
+    return make_config(settings, str(path))
+
+
+def make_config(settings: dict[str, Any], source: str = "the settings") -> PipelineConfig:
+    """A :class:`PipelineConfig` from ``{name: value}``, with errors naming ``source``."""
+    names = {item.name for item in fields(PipelineConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown settings {unknown}")
+    try:
+        return PipelineConfig(**settings)
+    except TypeError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def resolved(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with every file path absolute (what a run saves)."""
+    changes = {}
+    for name in _PATHS:
+        value = getattr(config, name)
+        if value and not value.startswith("movielens:"):
+            changes[name] = str(Path(value).resolve())
+    return config.replace(**changes)
