@@ -503,25 +503,16 @@ def _first_occurrences(
 ) -> np.ndarray:
     """``[n]`` bool: whether each row is the first with its (user, item, time, weight).
 
-    Exact, and linear: each hash pass numbers the distinct keys in order of first appearance, so a row is a first
-    occurrence exactly when its key's number exceeds every earlier row's.
+    Exact, and one hash pass in Arrow's C++ group-by: each group's smallest row number is its first occurrence.
     """
-    key = users.astype(np.int64) * (int(items.max(initial=0)) + 1) + items
-    for extra in (timestamps, weights):
-        if extra is not None:
-            group = _group_numbers(key)
-            values = _group_numbers(extra.view(np.int32) if extra.dtype == np.float32 else extra)
-            key = group * (int(values.max(initial=0)) + 1) + values
-    numbers = _group_numbers(key)
-    running = np.maximum.accumulate(numbers)
-    first = np.empty(numbers.shape[0], dtype=bool)
-    first[:1] = True
-    first[1:] = numbers[1:] > running[:-1]
+    columns: dict[str, np.ndarray] = {"user": users, "item": items}
+    if timestamps is not None:
+        columns["time"] = timestamps
+    if weights is not None:
+        columns["weight"] = weights
+    keys = list(columns)
+    columns["row"] = np.arange(users.shape[0], dtype=np.int64)
+    groups = pa.table(columns).group_by(keys).aggregate([("row", "min")])
+    first = np.zeros(users.shape[0], dtype=bool)
+    first[groups.column("row_min").to_numpy()] = True
     return first
-
-
-def _group_numbers(values: np.ndarray) -> np.ndarray:
-    """``int64`` number of each value among the distinct values, in order of first appearance."""
-    encoded = pc.dictionary_encode(pa.array(values))
-    numbers: np.ndarray = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    return numbers
