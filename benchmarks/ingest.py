@@ -2,7 +2,8 @@
 
 A generated Parquet log (power-law item popularity, users of varied activity, timestamps over a year; written in
 chunks, so generating it never holds the whole log) is read by each side in its own process, interleaved
-(twotower, pandas, pandas, twotower, ...), and each process reports its wall time and its peak RSS.
+(twotower, pandas, pandas, twotower, ...), and each process reports its wall time (imports excluded) and its
+peak RSS (imports included).
 
 * twotower: ``Interactions.from_parquet`` (ids dictionary-encoded in Arrow, times checked, duplicates counted),
   ``split_interactions`` (global time cut: latest 10% test, 10% of the rest validation) and
@@ -83,6 +84,12 @@ def measure_pandas(path: Path) -> dict[str, float]:
 
 
 def _child(side: str, path: Path) -> None:
+    # Imports are not timed (torch's alone takes seconds on this machine); their memory is in the peak RSS.
+    if side == "twotower":
+        import twotower.data
+        import twotower.pipeline  # noqa: F401
+    else:
+        import pandas  # noqa: F401
     started = time.perf_counter()
     counts = (measure_twotower if side == "twotower" else measure_pandas)(path)
     seconds = time.perf_counter() - started

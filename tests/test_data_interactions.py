@@ -211,9 +211,40 @@ def test_ids_of_any_width_are_kept_as_their_text(kind: pa.DataType) -> None:
     users = [5, 7, 5, 100] if kind != pa.string() else ["5", "7", "5", "100"]
     table = pa.table({"u": pa.array(users, kind), "i": pa.array([1, 2, 1, 3], pa.int64())})
     log = Interactions.from_arrow(table, "u", "i")
-    assert log.user_ids.to_pylist() == ["5", "7", "100"]
-    assert log.user_codes.tolist() == [0, 1, 0, 2]
+    # The distinct ids are sorted as text ("100" < "5"), so the vocabulary of any subset needs no sort.
+    assert log.user_ids.to_pylist() == ["100", "5", "7"]
+    assert log.user_codes.tolist() == [1, 2, 1, 0]
     assert log.item_ids.to_pylist() == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("spread", ["dense", "sparse"])
+@pytest.mark.parametrize("kind", [pa.int8(), pa.int32(), pa.int64(), pa.uint64(), pa.string()])
+def test_ids_are_encoded_in_the_text_order_python_sorts(kind: pa.DataType, spread: str) -> None:
+    """Both integer encoders (a table indexed by value for a dense span, hashing for a sparse one) and the string
+    encoder give the distinct ids in Python's ``sorted`` order of their text, and codes that point at each row's
+    own id; nulls get -1."""
+    rng = np.random.default_rng(3)
+    info = np.iinfo(kind.to_pandas_dtype()) if kind != pa.string() else np.iinfo(np.int64)
+    low, high = max(int(info.min), -(10**18)), min(int(info.max), 10**18)
+    if spread == "dense":
+        pool = [v for v in range(-120, 120) if low <= v <= high] + [0, 1, 9, 10, 11, 99, 100, 101]
+    else:
+        pool = [int(v) for v in rng.integers(low, high, 300, dtype=np.int64, endpoint=True)]
+        pool += [v for v in (low, high, 0, 1, 10, 100, 7, 70, 700) if low <= v <= high]
+    if kind == pa.uint64():
+        pool = [v for v in pool if v >= 0] + ([2**64 - 1, 2**63, 10**19 - 1] if spread == "sparse" else [])
+    values: list[object] = [pool[i] for i in rng.integers(0, len(pool), 2_000)]
+    values[5] = values[17] = None
+    if kind == pa.string():
+        values = [None if v is None else str(v) for v in values]
+    table = pa.table({"u": pa.array(values, kind), "i": pa.array(np.arange(2_000) % 7)})
+    log = Interactions.from_arrow(table, "u", "i")
+    texts = [None if v is None else str(v) for v in values]
+    expected = sorted({t for t in texts if t is not None})  # Python compares str by code point: bytewise here
+    assert log.user_ids.to_pylist() == expected
+    assert log.report.null_ids == 2
+    kept = [t for t in texts if t is not None]
+    assert [expected[c] for c in log.user_codes.tolist()] == kept
 
 
 def test_a_dictionary_encoded_column_is_read_by_value() -> None:
@@ -223,20 +254,28 @@ def test_a_dictionary_encoded_column_is_read_by_value() -> None:
     assert [log.user_ids[c].as_py() for c in log.user_codes.tolist()] == ["b", "a", "b"]
 
 
-def test_duplicates_are_found_among_many_rows() -> None:
+@pytest.mark.parametrize("hashes", ["real", "colliding"])
+def test_duplicates_are_found_among_many_rows(hashes: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact whatever the row hash does: with a hash that sends most distinct rows to the same few values, only
+    rows equal in every column still count as duplicates."""
+    import twotower.data.interactions as interactions_module
+
+    if hashes == "colliding":
+        monkeypatch.setattr(interactions_module, "_row_hashes", lambda columns: (columns[0] % 3).astype(np.uint32))
     rng = np.random.default_rng(0)
     n = 20_000
     users, items, times = rng.integers(0, 50, n), rng.integers(0, 40, n), rng.integers(0, 5, n) + 1_600_000_000
-    table = pa.table({"u": users, "i": items, "t": times})
-    log = Interactions.from_arrow(table, "u", "i", time_col="t", duplicates="drop")
-    seen: set[tuple[int, int, int]] = set()
+    weights = rng.integers(1, 3, n).astype(np.float32)
+    table = pa.table({"u": users, "i": items, "t": times, "w": weights})
+    log = Interactions.from_arrow(table, "u", "i", time_col="t", weight_col="w", duplicates="drop")
+    seen: set[tuple[int, int, int, float]] = set()
     expected = []
-    for row in zip(users.tolist(), items.tolist(), times.tolist(), strict=True):
+    for row in zip(users.tolist(), items.tolist(), times.tolist(), weights.tolist(), strict=True):
         if row not in seen:
             seen.add(row)
             expected.append(row)
     assert log.report.duplicates == n - len(expected)
-    got = [(int(u), int(i), t) for u, i, t, _ in _decoded(log)]
+    got = [(int(u), int(i), t, w) for u, i, t, w in _decoded(log)]
     assert got == expected
 
 

@@ -125,3 +125,26 @@ def test_bad_splits_are_refused() -> None:
     single = Interactions.from_arrow(pa.table({"u": ["a", "b"], "i": ["x", "y"]}), "u", "i")
     with pytest.raises(InteractionsError, match="the last-n split leaves no test rows"):
         split_interactions(single, "last-n")
+
+
+@pytest.mark.parametrize("shape", ["spread", "clustered", "constant", "two values", "negative"])
+def test_the_time_cut_is_numpys_higher_quantile(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked histogram selection equals ``np.quantile(..., method="higher")`` on the selected values, at
+    every quantile, for spreads that put everything in one bin or across chunk boundaries."""
+    import twotower.data.splits as splits_module
+
+    monkeypatch.setattr(splits_module, "_MASK_CHUNK", 1_000)  # many chunks, so pieces straddle them
+    rng = np.random.default_rng(11)
+    n = 7_919
+    values = {
+        "spread": rng.integers(1_500_000_000, 1_700_000_000, n),
+        "clustered": np.concatenate([rng.integers(0, 3, n - 5), [10**15] * 5]),
+        "constant": np.full(n, 1_600_000_000),
+        "two values": rng.choice([5, 9], n),
+        "negative": rng.integers(-(10**12), 10**6, n),
+    }[shape].astype(np.int64)
+    within = rng.random(n) < 0.7
+    for quantile in (0.0, 0.1, 0.5, 0.9, 0.999, 1.0):
+        assert splits_module._quantile_higher(values, quantile) == int(np.quantile(values, quantile, method="higher"))
+        expected = int(np.quantile(values[within], quantile, method="higher"))
+        assert splits_module._quantile_higher(values, quantile, within) == expected

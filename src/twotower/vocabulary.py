@@ -81,6 +81,14 @@ def fnv1a_64(strings: pa.Array) -> np.ndarray:
     return hashes
 
 
+def _strictly_increasing(strings: pa.Array) -> bool:
+    """Whether each string sorts after the one before it (bytewise, as :func:`pyarrow.compute.sort_indices`)."""
+    if len(strings) < 2:
+        return True
+    ordered = pc.less(strings.slice(0, len(strings) - 1), strings.slice(1))
+    return bool(pc.all(ordered).as_py())
+
+
 class Vocabulary:
     """Id-to-row lookup with ``num_oov_buckets`` out-of-vocabulary rows first, as Keras's ``StringLookup``.
 
@@ -104,8 +112,11 @@ class Vocabulary:
         if len(strings) and pc.any(pc.ends_with(strings, "\x00")).as_py():
             # numpy's strings, which ids pass through elsewhere, drop trailing NULs: such an id is ambiguous.
             raise ValueError("values must not hold an id ending in a NUL character")
-        unique = pc.unique(strings)
-        self._arrow: pa.Array = unique.take(pc.sort_indices(unique))
+        if _strictly_increasing(strings):
+            self._arrow: pa.Array = strings  # already distinct and sorted (e.g. a log's ids): no hash, no sort
+        else:
+            unique = pc.unique(strings)
+            self._arrow = unique.take(pc.sort_indices(unique))
         self.num_oov_buckets = int(num_oov_buckets)
         if len(self._arrow) == 0 and self.num_oov_buckets == 1:
             raise ValueError("values must hold at least one value: a vocabulary cannot be empty (or hash: use buckets)")

@@ -1,11 +1,12 @@
 """Interaction logs from files and data frames: CSV, Parquet, pandas, polars and Arrow, read with pyarrow.
 
 :class:`Interactions` is one log, columnar and encoded once: each id column becomes ``int32`` codes into an Arrow
-array of its distinct ids (one hash pass, :func:`pyarrow.compute.dictionary_encode`), times become ``int64``
-seconds, weights ``float32``. Nothing is held per row as a Python object, so a log of tens of millions of rows
-costs a few bytes per row and column (see ``benchmarks/ingest.py``). What reading dropped or found is counted in
-:class:`ReadReport`: rows with a null id or time, duplicate rows, interactions with items missing from the
-catalogue.
+array of its distinct ids, sorted as text (integer ids spanning a range not much wider than the log by a table
+indexed by value, others by one hash pass, :func:`pyarrow.compute.dictionary_encode`), times become ``int64``
+seconds, weights ``float32``. A Parquet log is read one column at a time, each encoded before the next is read.
+Nothing is held per row as a Python object, so a log of tens of millions of rows costs a few bytes per row and
+column (see ``benchmarks/ingest.py``). What reading dropped or found is counted in :class:`ReadReport`: rows with
+a null id or time, duplicate rows, interactions with items missing from the catalogue.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower.data._chunks import for_each_chunk
 from twotower.data.movielens import DataError
 
 Policy = Literal["keep", "drop"]
@@ -27,6 +29,11 @@ Policy = Literal["keep", "drop"]
 #: on for milliseconds and microseconds; above, nanoseconds.
 _UNIT_LIMITS = ((1e11, "seconds", 1), (1e14, "milliseconds", 1_000), (1e17, "microseconds", 1_000_000))
 _TIMESTAMP_DIVISORS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+# Powers of ten as uint64: 10**0 .. 10**19 (10**19 < 2**64).
+_POWERS_OF_TEN = np.array([10**power for power in range(20)], dtype=np.uint64)
+#: An integer id column whose values span at most this many times its length (or 2**16) is encoded by direct
+#: addressing (a table indexed by value - min), not hashed: no hash table, one pass to mark and one to look up.
+_DIRECT_SPAN_PER_ROW = 2
 
 
 class InteractionsError(DataError):
@@ -90,11 +97,12 @@ class Interactions:
 
     Attributes:
         user_codes: ``[n]`` ``int32`` codes into :attr:`user_ids`.
-        user_ids: the distinct user ids (Arrow ``large_string``; integer ids as their decimal text), in order of
-            first appearance (ids seen only on dropped rows included: vocabularies are fitted on a split's rows).
+        user_ids: the distinct user ids (Arrow ``large_string``; integer ids as their decimal text), sorted as
+            text, so that the ids of any set of codes, in code order, are sorted too (ids seen only on dropped rows
+            included: vocabularies are fitted on a split's rows).
         item_codes: ``[n]`` ``int32`` codes into :attr:`item_ids`.
-        item_ids: the distinct item ids: the catalogue's (in its order, then unknown items that were kept), or
-            those of the log in order of first appearance.
+        item_ids: the distinct item ids: the catalogue's (sorted as text, then unknown items that were kept), or
+            those of the log, sorted as text.
         timestamps: ``[n]`` ``int64`` Unix seconds, or ``None``.
         weights: ``[n]`` ``float32`` non-negative weights, or ``None``.
         item_titles: display title per item id, from the catalogue's title column (may be empty).
@@ -165,6 +173,28 @@ class Interactions:
             table = pa.Table.from_batches([table])
         if not isinstance(table, pa.Table):
             raise TypeError(f"table must be a pyarrow Table, got {type(table).__name__}")
+        return cls._from_columns(
+            _TableColumns(table), user_col, item_col, time_col, weight_col, items, item_id_col, item_title_col,
+            duplicates, unknown_items, source,
+        )  # fmt: skip
+
+    @classmethod
+    def _from_columns(
+        cls,
+        table: _Columns,
+        user_col: str,
+        item_col: str,
+        time_col: str | None,
+        weight_col: str | None,
+        items: pa.Table | None,
+        item_id_col: str | None,
+        item_title_col: str | None,
+        duplicates: Policy,
+        unknown_items: Policy,
+        source: str,
+    ) -> Interactions:
+        """:meth:`from_arrow` on a source read one column at a time: each column is encoded and let go before
+        the next is read, so a Parquet log never has more than one raw column in memory."""
         for name, value in (("duplicates", duplicates), ("unknown_items", unknown_items)):
             if value not in ("keep", "drop"):
                 raise ValueError(f"{name} must be 'keep' or 'drop', got {value!r}")
@@ -174,7 +204,9 @@ class Interactions:
             raise InteractionsError(f"{source} holds no rows")
         rows_read = table.num_rows
         user_codes, user_ids = _encode_ids(table.column(user_col), user_col, source)
+        _release_arrow_memory()
         item_codes, item_ids = _encode_ids(table.column(item_col), item_col, source)
+        _release_arrow_memory()
         null_id = (user_codes < 0) | (item_codes < 0)
         if bool(null_id.all()):
             raise InteractionsError(f"{source}: every row has a null {user_col!r} or {item_col!r}")
@@ -183,6 +215,7 @@ class Interactions:
         null_times = 0
         if time_col is not None:
             timestamps, time_valid, time_unit = _seconds(table.column(time_col), time_col, source)
+            _release_arrow_memory()
             null_times = int((keep & ~time_valid).sum())
             keep &= time_valid
             if not keep.any():
@@ -260,9 +293,19 @@ class Interactions:
             "time_col": options.get("time_col"),
             "weight_col": options.get("weight_col"),
         }
-        table = read_table(path, wanted, id_columns=(user_col, item_col), file_format=file_format)
+        columns = _open_columns(path, wanted, id_columns=(user_col, item_col), file_format=file_format)
         catalogue = _catalogue(items, options.get("item_id_col") or item_col, options.get("item_title_col"))
-        return cls.from_arrow(table, user_col, item_col, items=catalogue, source=str(path), **options)
+        settings: dict[str, Any] = {"time_col": None, "weight_col": None, "item_id_col": None}
+        settings.update(item_title_col=None, duplicates="keep", unknown_items="drop")
+        unknown = set(options) - set(settings)
+        if unknown:
+            raise TypeError(f"unexpected option(s) {sorted(unknown)}; expected some of {sorted(settings)}")
+        settings.update(options)
+        return cls._from_columns(
+            columns, user_col, item_col, settings["time_col"], settings["weight_col"], catalogue,
+            settings["item_id_col"], settings["item_title_col"], settings["duplicates"], settings["unknown_items"],
+            str(path),
+        )  # fmt: skip
 
     @classmethod
     def from_csv(
@@ -299,12 +342,81 @@ class Interactions:
         )
 
 
+def _release_arrow_memory() -> None:
+    """Hand the pages of a column just let go back to the system: Arrow's allocator keeps freed memory for reuse,
+    which numpy, allocating the next arrays, cannot use."""
+    pa.default_memory_pool().release_unused()
+
+
 def _require_columns(found: Sequence[str], wanted: dict[str, str | None], source: str) -> None:
     for argument, column in wanted.items():
         if column is not None and column not in found:
             raise InteractionsError(
                 f"{source} has no column {column!r} (asked for by {argument}); its columns are {list(found)}"
             )
+
+
+class _Columns(Protocol):
+    """A table read one column at a time (an in-memory Arrow table, or a Parquet dataset)."""
+
+    @property
+    def column_names(self) -> list[str]: ...
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def column(self, name: str) -> pa.ChunkedArray: ...
+
+
+class _TableColumns:
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.table.column_names)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.table.num_rows)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.table.column(name)
+
+
+class _ParquetColumns:
+    """The named columns of a Parquet dataset, each decoded only when asked for (row group by row group)."""
+
+    def __init__(self, dataset: Any, names: list[str], path: Path) -> None:
+        self.dataset, self.names, self.path = dataset, names, path
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.names)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.dataset.count_rows())  # from the files' metadata
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """The column, read file by file and row group by row group: the dataset scanner's read-ahead holds
+        about twice the column's size in decoded pages at its peak, one row group at a time a few MB."""
+        import pyarrow.parquet as pq
+
+        kind = self.dataset.schema.field(name).type
+        chunks: list[pa.Array] = []
+        try:
+            for file in self.dataset.files:
+                reader = pq.ParquetFile(file)
+                for group in range(reader.metadata.num_row_groups):
+                    if name not in reader.schema_arrow.names:  # a part without the column: nulls, as the scanner
+                        chunks.append(pa.nulls(reader.metadata.row_group(group).num_rows, kind))
+                        continue
+                    read = reader.read_row_group(group, columns=[name]).column(0)
+                    chunks.extend(chunk if chunk.type == kind else chunk.cast(kind) for chunk in read.chunks)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+            raise InteractionsError(f"{self.path} cannot be read as parquet: {error}") from None
+        return pa.chunked_array(chunks, type=kind)
 
 
 def read_table(
@@ -326,6 +438,23 @@ def read_table(
     Raises:
         InteractionsError: no such file, an unknown format, or a named column is missing (listing those found).
     """
+    opened = _open_columns(path, columns, id_columns, file_format)
+    if isinstance(opened, _TableColumns):
+        return opened.table
+    try:
+        table: pa.Table = opened.dataset.to_table(columns=opened.names)
+    except pa.ArrowInvalid as error:
+        raise InteractionsError(f"{opened.path} cannot be read as parquet: {error}") from None
+    return table
+
+
+def _open_columns(
+    path: str | os.PathLike[str],
+    columns: Sequence[str] | dict[str, str | None],
+    id_columns: Sequence[str] = (),
+    file_format: str | None = None,
+) -> _TableColumns | _ParquetColumns:
+    """:func:`read_table`'s checks; a CSV file is read whole, a Parquet dataset opened for reading by column."""
     import pyarrow.csv as pacsv
     import pyarrow.dataset as ds
 
@@ -349,7 +478,7 @@ def read_table(
         if file_format == "parquet":
             dataset = ds.dataset(path, format="parquet")
             _require_columns(dataset.schema.names, wanted, str(path))
-            return dataset.to_table(columns=names)
+            return _ParquetColumns(dataset, names, path)
         else:
             delimiter = "\t" if ".tsv" in path.name.lower() else ","
             parse = pacsv.ParseOptions(delimiter=delimiter)
@@ -361,7 +490,7 @@ def read_table(
                 column_types={name: pa.string() for name in id_columns},
                 strings_can_be_null=True,
             )
-            return pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+            return _TableColumns(pacsv.read_csv(path, parse_options=parse, convert_options=convert))
     except pa.ArrowInvalid as error:
         if "Empty CSV file" in str(error):
             raise InteractionsError(f"{path} is empty") from None
@@ -394,23 +523,111 @@ def _as_id_type(column: pa.ChunkedArray, name: str, source: str) -> pa.ChunkedAr
 
 
 def _encode_ids(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarray, pa.Array]:
-    """``(codes [n] int32, distinct ids)``: one hash pass; null ids get code -1."""
+    """``(codes [n] int32, distinct ids)``: the distinct ids as ``large_string``, sorted as text (so that the ids
+    of any subset of codes, taken in code order, are sorted too and a vocabulary of them needs no sort); null ids
+    get code -1."""
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
     column = _as_id_type(column, name, source)
+    if column.null_count == len(column):
+        raise InteractionsError(f"{source}: every value of {name!r} is null")
+    if pa.types.is_integer(column.type):
+        extremes = pc.min_max(column)
+        low, high = int(extremes["min"].as_py()), int(extremes["max"].as_py())
+        if high - low < max(1 << 16, _DIRECT_SPAN_PER_ROW * len(column)):
+            return _encode_dense_integers(column, low, high)
     encoded = pc.dictionary_encode(column)
     # On a chunked array the hash table is shared by the chunks, so every chunk carries the same final dictionary.
     chunks = [chunk for chunk in encoded.chunks if len(chunk)]
-    codes = np.empty(len(column), dtype=np.int32)
-    start = 0
-    for chunk in chunks:
-        indices = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
-        codes[start : start + len(chunk)] = indices
-        start += len(chunk)
-    if not chunks or len(chunks[-1].dictionary) == 0:
-        raise InteractionsError(f"{source}: every value of {name!r} is null")
     distinct = chunks[-1].dictionary
     if len(distinct) >= np.iinfo(np.int32).max:
         raise InteractionsError(f"{source}: {name!r} has more than 2**31 distinct ids")
-    return codes, pc.cast(distinct, pa.large_string())
+    if pa.types.is_integer(distinct.type):
+        order = _decimal_text_order(distinct.to_numpy())
+    else:
+        order = pc.sort_indices(distinct).to_numpy()
+    # The code of dictionary entry d is its rank in text order; the null code -1 stays -1 (the last entry).
+    rank = np.empty(len(distinct) + 1, dtype=np.int32)
+    rank[order] = np.arange(len(distinct), dtype=np.int32)
+    rank[-1] = -1
+    codes = np.empty(len(column), dtype=np.int32)
+    start = 0
+    for chunk in chunks:
+        indices = chunk.indices
+        if indices.null_count:
+            indices = pc.fill_null(indices, -1)
+        codes[start : start + len(chunk)] = rank[indices.to_numpy()]
+        start += len(chunk)
+    return codes, pc.cast(distinct.take(pa.array(order)), pa.large_string())
+
+
+def _chunk_offsets(chunk: pa.Array, low: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(value - low [m] int64, valid [m] bool or None when no value is null)``; nulls read as ``low``."""
+    valid = None
+    if chunk.null_count:
+        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+        chunk = pc.fill_null(chunk, low)
+    values = chunk.to_numpy()
+    # Wrapping arithmetic in 64 bits is exact here: every difference lies in [0, span), far below 2**63.
+    wrapped_low = np.array(low).astype(np.uint64).astype(np.int64) if low >= 2**63 else np.int64(low)
+    offsets: np.ndarray = values.astype(np.int64, copy=False) - wrapped_low
+    return offsets, valid
+
+
+def _encode_dense_integers(column: pa.ChunkedArray, low: int, high: int) -> tuple[np.ndarray, pa.Array]:
+    """:func:`_encode_ids` for integers spanning ``[low, high]``, few enough to index a table by value."""
+    present = np.zeros(high - low + 1, dtype=bool)
+    for chunk in column.chunks:
+        offsets, valid = _chunk_offsets(chunk, low)
+        present[offsets if valid is None else offsets[valid]] = True
+    where = np.flatnonzero(present)
+    del present
+    unsigned = pa.types.is_unsigned_integer(column.type)
+    values = where.astype(np.uint64) + np.uint64(low) if unsigned else where + np.int64(low)
+    order = _decimal_text_order(values)
+    code_of_offset = np.empty(high - low + 1, dtype=np.int32)
+    code_of_offset[where[order]] = np.arange(where.shape[0], dtype=np.int32)
+    codes = np.empty(len(column), dtype=np.int32)
+    start = 0
+    for chunk in column.chunks:
+        offsets, valid = _chunk_offsets(chunk, low)
+        part = codes[start : start + len(chunk)]
+        np.take(code_of_offset, offsets, out=part)
+        if valid is not None:
+            part[~valid] = -1
+        start += len(chunk)
+    return codes, pc.cast(pa.array(values[order]), pa.large_string())
+
+
+def _decimal_text_order(values: np.ndarray) -> np.ndarray:
+    """The permutation that sorts integers as their decimal text sorts (bytewise, as Arrow sorts strings).
+
+    Without building the strings: ``"-"`` sorts before every digit, so negatives come first; within a sign, the
+    text order is that of the magnitude's digits left-aligned (the magnitude times ``10**(19 - digits)``), a
+    shorter text first when one is a prefix of the other. Integers of one sign and one digit count sort as
+    numbers, which is the common case (fixed-width ids) and one ``argsort``, or none when already ascending.
+    """
+    count = values.shape[0]
+    if count < 2:
+        return np.arange(count)
+    if values.dtype.kind == "u":
+        negative = np.zeros(count, dtype=bool)
+        magnitude = values.astype(np.uint64)
+    else:
+        values = values.astype(np.int64, copy=False)
+        negative = values < 0
+        magnitude = values.astype(np.uint64)
+        magnitude[negative] = ~magnitude[negative] + np.uint64(1)  # two's complement: exact for -2**63 too
+    if int(magnitude.max()) >= 10**19:  # 20-digit unsigned ids: too wide to left-align in 64 bits
+        by_text: np.ndarray = pc.sort_indices(pc.cast(pa.array(values), pa.large_string())).to_numpy()
+        return by_text
+    digits = np.maximum(np.searchsorted(_POWERS_OF_TEN, magnitude, side="right"), 1)  # 1 .. 19 ("0": 1)
+    if not negative.any() and digits.min() == digits.max():
+        if bool((magnitude[1:] > magnitude[:-1]).all()):
+            return np.arange(count)
+        return np.argsort(magnitude, kind="stable")
+    aligned = magnitude * _POWERS_OF_TEN[19 - digits]
+    return np.lexsort((digits, aligned, ~negative))
 
 
 def _seconds(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -435,12 +652,16 @@ def _seconds(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarra
         days = pc.fill_null(pc.cast(pc.cast(column, pa.date32()), pa.int32()), 0).to_numpy()
         return days.astype(np.int64) * 86_400, valid, "dates"
     if pa.types.is_integer(kind):
-        values = pc.fill_null(pc.cast(column, pa.int64()), 0).to_numpy()
-        largest = float(np.abs(values[valid]).max(initial=0))
-        for limit, unit, divisor in _UNIT_LIMITS:
-            if largest < limit:
-                return np.floor_divide(values, divisor), valid, f"integer {unit} since 1970"
-        return np.floor_divide(values, 1_000_000_000), valid, "integer nanoseconds since 1970"
+        extremes = pc.min_max(column)
+        largest = max(abs(int(extremes["min"].as_py() or 0)), abs(int(extremes["max"].as_py() or 0)))
+        if column.null_count:
+            column = pc.fill_null(column, 0)
+        values = _int64_array(column)
+        unit, divisor = next(((unit, divisor) for limit, unit, divisor in _UNIT_LIMITS if largest < limit),
+                             ("nanoseconds", 1_000_000_000))  # fmt: skip
+        if divisor != 1:
+            np.floor_divide(values, divisor, out=values)
+        return values, valid, f"integer {unit} since 1970"
     if pa.types.is_floating(kind):
         values = pc.fill_null(column, 0.0).to_numpy().astype(np.float64)
         finite = np.isfinite(values)
@@ -451,6 +672,17 @@ def _seconds(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarra
         f"{source}: time column {name!r} is not a time: expected integers, floats, timestamps, dates or ISO-8601 "
         f"strings, got {kind}"
     )
+
+
+def _int64_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A null-free integer column as one writable ``int64`` numpy array, copied chunk by chunk (no Arrow
+    intermediate: concatenating the chunks first would hold the column twice)."""
+    values = np.empty(len(column), dtype=np.int64)
+    start = 0
+    for chunk in column.chunks:
+        values[start : start + len(chunk)] = chunk.to_numpy()
+        start += len(chunk)
+    return values
 
 
 def _weights(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
@@ -498,21 +730,64 @@ def _against_catalogue(
     return mapped, all_ids, in_catalogue, titles
 
 
+#: The second hashing pass of the duplicate search goes in chunks of this many rows.
+_CANDIDATE_CHUNK = 1 << 23
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
+
+
+def _row_hashes(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """``[n]`` ``uint32`` hashes of each row's values: the two ``int32`` id codes packed in one 64-bit word, each
+    further column xor-ed in and multiplied by an odd constant, then a xor-shift and the product's top 32 bits.
+    Chunked on threads (numpy releases the GIL), each chunk writing its own slice."""
+    users, items, *others = columns
+    hashes = np.empty(users.shape[0], dtype=np.uint32)
+
+    def work(start: int, end: int) -> None:
+        with np.errstate(over="ignore"):
+            mixed = users[start:end].astype(np.uint64) << np.uint64(32)
+            mixed |= items[start:end].view(np.uint32).astype(np.uint64)
+            mixed *= _MIX[0]
+            for number, column in enumerate(others):
+                part = column[start:end]
+                mixed ^= part.view(np.uint32 if part.dtype.itemsize == 4 else np.uint64).astype(np.uint64)
+                mixed *= _MIX[1 + number % 2]
+            mixed ^= mixed >> np.uint64(29)
+            mixed *= _MIX[2]
+            hashes[start:end] = mixed >> np.uint64(32)
+
+    for_each_chunk(users.shape[0], work)
+    return hashes
+
+
 def _first_occurrences(
     users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, weights: np.ndarray | None
 ) -> np.ndarray:
     """``[n]`` bool: whether each row is the first with its (user, item, time, weight).
 
-    Exact, and one hash pass in Arrow's C++ group-by: each group's smallest row number is its first occurrence.
+    Exact, without a hash table of every row: rows are hashed to 32 bits and sorted, and only the rows whose hash
+    occurs more than once (the duplicates and, at tens of millions of rows, a few hundred thousand collisions) go
+    through Arrow's exact group-by, where each group's smallest row number is its first occurrence.
     """
-    columns: dict[str, np.ndarray] = {"user": users, "item": items}
-    if timestamps is not None:
-        columns["time"] = timestamps
-    if weights is not None:
-        columns["weight"] = weights
-    keys = list(columns)
-    columns["row"] = np.arange(users.shape[0], dtype=np.int64)
-    groups = pa.table(columns).group_by(keys).aggregate([("row", "min")])
-    first = np.zeros(users.shape[0], dtype=bool)
+    columns = [users, items] + [column for column in (timestamps, weights) if column is not None]
+    count = users.shape[0]
+    first = np.ones(count, dtype=bool)
+    if count < 2:
+        return first
+    ordered = _row_hashes(columns)
+    ordered.sort()  # in place: the rows' order is recovered by hashing again, cheaper than a second copy
+    repeated = pa.array(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]))
+    del ordered
+    if len(repeated) == 0:
+        return first
+    marked = np.zeros(count, dtype=bool)
+    for start in range(0, count, _CANDIDATE_CHUNK):
+        end = min(start + _CANDIDATE_CHUNK, count)
+        hashes = _row_hashes([column[start:end] for column in columns])
+        marked[start:end] = pc.is_in(hashes, value_set=repeated).to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(marked)
+    table = {f"key{number}": column[candidates] for number, column in enumerate(columns)}
+    table["row"] = candidates
+    groups = pa.table(table).group_by([name for name in table if name != "row"]).aggregate([("row", "min")])
+    first[candidates] = False
     first[groups.column("row_min").to_numpy()] = True
     return first

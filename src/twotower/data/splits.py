@@ -8,8 +8,9 @@ stopping, is cut from the training rows by the same method, so that it stands to
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,10 +22,11 @@ SPLIT_METHODS = ("time", "random", "last-n")
 
 @dataclass(frozen=True)
 class Split:
-    """Row indices (``int64``, into the log) of each part, and how they were cut.
+    """Row indices (into the log) of each part, and how they were cut.
 
     Attributes:
-        train, validation, test: disjoint row indices covering the log; ``validation`` may be empty.
+        train, validation, test: disjoint row indices covering the log (``int32`` below 2**31 rows, else
+            ``int64``); ``validation`` may be empty.
         description: one line saying how the parts were cut (e.g. the time of the cut).
     """
 
@@ -34,8 +36,64 @@ class Split:
     description: str
 
 
-def _time_cut(times: np.ndarray, fraction: float, before: str | None, what: str) -> tuple[np.ndarray, str]:
-    """Rows at or after the cut: the ``1 - fraction`` quantile of ``times``, or the date ``before``."""
+def _index_type(count: int) -> type[np.signedinteger[Any]]:
+    """Row indices are ``int32`` below 2**31 rows: half the memory of ``int64`` on logs of tens of millions."""
+    return np.int32 if count < 2**31 else np.int64
+
+
+#: Masks are turned into positions in chunks of this many rows (bounding the ``int64`` temporaries).
+_MASK_CHUNK = 1 << 22
+
+
+def _positions(mask: np.ndarray, index_type: type[np.signedinteger[Any]]) -> np.ndarray:
+    """``np.flatnonzero(mask)`` as ``index_type``, without a whole-length ``int64`` temporary."""
+    parts = [
+        (np.flatnonzero(mask[start : start + _MASK_CHUNK]) + start).astype(index_type)
+        for start in range(0, mask.shape[0], _MASK_CHUNK)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=index_type)
+
+
+#: The exact quantile is found by a histogram of this many bins, then a selection within one bin.
+_QUANTILE_BINS = 1 << 16
+
+
+def _quantile_higher(values: np.ndarray, quantile: float, within: np.ndarray | None = None) -> int:
+    """``np.quantile(values[within], quantile, method="higher")`` for integers, exactly, without copying them.
+
+    numpy copies the values and partitions the copy; here two chunked passes (a histogram of the values, then the
+    values of the one bin holding the wanted rank) leave only that bin to partition.
+    """
+    chunks = [(start, min(start + _MASK_CHUNK, values.shape[0])) for start in range(0, values.shape[0], _MASK_CHUNK)]
+
+    def pieces() -> Iterator[np.ndarray]:
+        for start, end in chunks:
+            yield values[start:end] if within is None else values[start:end][within[start:end]]
+
+    count = int(values.shape[0] if within is None else np.count_nonzero(within))
+    if count == 0:
+        raise ValueError("a quantile of no values")
+    low = min(int(piece.min()) for piece in pieces() if piece.size)
+    high = max(int(piece.max()) for piece in pieces() if piece.size)
+    # numpy's "higher": the value at sorted position ceil(quantile * (count - 1)), the index computed in float64.
+    rank = int(np.ceil(np.float64(quantile) * (count - 1)))
+    width = (high - low) // _QUANTILE_BINS + 1
+    histogram = np.zeros(_QUANTILE_BINS, dtype=np.int64)
+    for piece in pieces():
+        histogram += np.bincount((piece - low) // width, minlength=_QUANTILE_BINS)
+    below = np.cumsum(histogram)
+    chosen = int(np.searchsorted(below, rank, side="right"))  # the bin holding sorted position ``rank``
+    rank -= int(below[chosen - 1]) if chosen else 0
+    start = low + chosen * width
+    in_bin = np.concatenate([piece[(piece >= start) & (piece < start + width)] for piece in pieces()])
+    return int(np.partition(in_bin, rank)[rank])
+
+
+def _time_cut(
+    times: np.ndarray, fraction: float, before: str | None, what: str, within: np.ndarray | None = None
+) -> tuple[np.ndarray, str]:
+    """``[n]`` bool, the rows at or after the cut: the ``1 - fraction`` quantile of ``times[within]``, or the
+    date ``before``."""
     if before is not None:
         try:
             moment = datetime.datetime.fromisoformat(before)
@@ -45,7 +103,7 @@ def _time_cut(times: np.ndarray, fraction: float, before: str | None, what: str)
             moment = moment.replace(tzinfo=datetime.timezone.utc)
         cut = int(moment.timestamp())
     else:
-        cut = int(np.quantile(times, 1.0 - fraction, method="higher"))
+        cut = _quantile_higher(times, 1.0 - fraction, within)
     after = times >= cut
     when = datetime.datetime.fromtimestamp(cut, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return after, f"{what} from {when} on"
@@ -107,34 +165,47 @@ def split_interactions(
     times = interactions.timestamps
     if method == "time" and times is None:
         raise ValueError("a time split needs a time column (time_col / --time-col); use --split random or last-n")
-    rows = np.arange(len(interactions), dtype=np.int64)
+    index_type = _index_type(len(interactions))
 
-    def cut(part: np.ndarray, fraction: float, what: str, salt: int) -> tuple[np.ndarray, np.ndarray, str]:
-        """Split ``part`` (row indices) into (kept, cut off, description)."""
+    def cut(part: np.ndarray | None, fraction: float, what: str, salt: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Split ``part`` (row indices; ``None``: the whole log) into (kept, cut off, description)."""
+
+        def of(values: np.ndarray) -> np.ndarray:
+            return values if part is None else values[part]
+
         if method == "time":
             assert times is not None
-            after, text = _time_cut(times[part], fraction, test_from if salt == 0 else None, what)
+            within = None
+            if part is not None:
+                within = np.zeros(times.shape[0], dtype=bool)
+                within[part] = True
+            after, text = _time_cut(times, fraction, test_from if salt == 0 else None, what, within)
+            if part is not None:
+                after = after[part]
         elif method == "last-n":
-            after = _last_n_per_user(interactions.user_codes[part], None if times is None else times[part], last_n)
+            after = _last_n_per_user(of(interactions.user_codes), None if times is None else of(times), last_n)
             text = f"{what}: each user's last {last_n} interaction(s)" + ("" if times is not None else " by row order")
         else:
             # As MovieLens.split and the TFRS tutorials: a seeded permutation, the first share kept.
-            order = np.random.default_rng(seed + salt).permutation(part.shape[0])
-            kept = round((1.0 - fraction) * part.shape[0])
+            count = len(interactions) if part is None else part.shape[0]
+            order = np.random.default_rng(seed + salt).permutation(count).astype(index_type)
+            kept = round((1.0 - fraction) * count)
             text = f"{what}: a random {fraction:.0%} (seed {seed})"
-            return part[order[:kept]], part[order[kept:]], text
+            return of(order[:kept]), of(order[kept:]), text
+        if part is None:
+            return _positions(~after, index_type), _positions(after, index_type), text
         return part[~after], part[after], text
 
-    train, test, description = cut(rows, test_fraction, "test", 0)
+    train, test, description = cut(None, test_fraction, "test", 0)
     if test.shape[0] == 0:
         raise InteractionsError(f"the {method} split leaves no test rows: {description}")
     if train.shape[0] == 0:
         raise InteractionsError(f"the {method} split leaves no training rows: {description}")
-    validation = np.zeros(0, dtype=np.int64)
+    validation = np.zeros(0, dtype=index_type)
     if validation_fraction > 0:
         kept, validation, text = cut(train, validation_fraction, "validation", 1)
         if kept.shape[0] and validation.shape[0]:
             train, description = kept, f"{description}; {text}"
         else:
-            validation = np.zeros(0, dtype=np.int64)
+            validation = np.zeros(0, dtype=index_type)
     return Split(train=train, validation=validation, test=test, description=description)

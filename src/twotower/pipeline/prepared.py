@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -16,9 +16,10 @@ from twotower.vocabulary import Vocabulary
 
 @dataclass(frozen=True)
 class PartRows:
-    """One part of the split as embedding rows: ``users [n]``, ``items [n]`` (``int64`` tensors), ``weights``,
-    and the rows' codes in the log (``user_codes``, ``item_codes``: ``[n]`` numpy ``int32``), which tell apart
-    users (or items) that share an OOV row.
+    """One part of the split as embedding rows: ``users [n]``, ``items [n]`` (``int32`` tensors: half the memory
+    of ``int64`` on logs of tens of millions, and what ``nn.Embedding`` and indexing accept alike), ``weights``,
+    and where the rows lie in the log (``log_rows``), from which :attr:`user_codes` and :attr:`item_codes` (the
+    rows' ids, which tell apart users or items that share an OOV row) are gathered when asked for.
 
     A user or item outside its vocabulary has a row below the vocabulary's OOV bucket count (for items: 0).
     """
@@ -26,11 +27,23 @@ class PartRows:
     users: torch.Tensor
     items: torch.Tensor
     weights: torch.Tensor | None
-    user_codes: np.ndarray
-    item_codes: np.ndarray
+    log_rows: np.ndarray
+    log: Interactions = field(repr=False)
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
+
+    @property
+    def user_codes(self) -> np.ndarray:
+        """``[n]`` ``int32``: each row's code into the log's ``user_ids``."""
+        codes: np.ndarray = self.log.user_codes[self.log_rows]
+        return codes
+
+    @property
+    def item_codes(self) -> np.ndarray:
+        """``[n]`` ``int32``: each row's code into the log's ``item_ids``."""
+        codes: np.ndarray = self.log.item_codes[self.log_rows]
+        return codes
 
 
 @dataclass(frozen=True)
@@ -72,8 +85,10 @@ class PreparedInteractions:
 
 
 def _distinct_codes(codes: np.ndarray, num_codes: int) -> np.ndarray:
-    """The distinct values of ``codes`` (all in ``[0, num_codes)``), sorted: one counting pass, no sort or hash."""
-    present: np.ndarray = np.flatnonzero(np.bincount(codes, minlength=num_codes))
+    """The distinct values of ``codes`` (all in ``[0, num_codes)``), sorted: one marking pass, no sort or hash."""
+    marked = np.zeros(num_codes, dtype=bool)
+    marked[codes] = True  # a scatter of one byte: several times faster than bincount's counting
+    present: np.ndarray = np.flatnonzero(marked)
     return present
 
 
@@ -90,40 +105,33 @@ def prepare_interactions(
     user_codes = _distinct_codes(interactions.user_codes[user_rows], interactions.num_users)
     users = Vocabulary(interactions.user_ids.take(pa.array(user_codes)), num_oov_buckets=user_oov_buckets)
     if interactions.in_catalogue:
-        item_values = interactions.item_ids
+        item_codes = np.arange(interactions.num_items)
     else:
         item_codes = _distinct_codes(interactions.item_codes[split.train], interactions.num_items)
-        item_values = interactions.item_ids.take(pa.array(item_codes))
-    items = Vocabulary(item_values)
+    items = Vocabulary(interactions.item_ids.take(pa.array(item_codes)))
     # Each distinct id is looked up once, then gathered per row.
-    user_row_of_code = users.lookup(interactions.user_ids)
-    item_row_of_code = items.lookup(interactions.item_ids)
+    user_row_of_code = _rows_of_codes(users, interactions.user_ids, user_codes)
+    item_row_of_code = _rows_of_codes(items, interactions.item_ids, item_codes)
     weights = interactions.weights
 
     def part(rows: np.ndarray) -> PartRows:
         return PartRows(
-            users=torch.from_numpy(user_row_of_code[interactions.user_codes[rows]]),
-            items=torch.from_numpy(item_row_of_code[interactions.item_codes[rows]]),
+            users=torch.from_numpy(_rows_of(user_row_of_code, interactions.user_codes, rows)),
+            items=torch.from_numpy(_rows_of(item_row_of_code, interactions.item_codes, rows)),
             weights=None if weights is None else torch.from_numpy(weights[rows]),
-            user_codes=interactions.user_codes[rows],
-            item_codes=interactions.item_codes[rows],
+            log_rows=rows,
+            log=interactions,
         )
 
     train = part(split.train)
-    if not bool((train.items > 0).any()):
+    train_items = train.items.numpy()
+    if not bool((train_items > 0).any()):
         raise InteractionsError("the training rows hold no item of the vocabulary")
     counts = np.bincount(
-        train.items.numpy(), weights=None if train.weights is None else train.weights.numpy(), minlength=len(items)
+        train_items, weights=None if train.weights is None else train.weights.numpy(), minlength=len(items)
     ).astype(np.float64)
     counts[0] = 0.0
-    # Seen items per user row, CSR, duplicates merged.
-    # A sort and a neighbour comparison: numpy's hash-based unique is several times slower on tens of millions.
-    pairs = np.sort(train.users.numpy().astype(np.int64) * len(items) + train.items.numpy())
-    if pairs.size:
-        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
-    seen_users, seen_items = pairs // len(items), pairs % len(items)
-    indptr = np.zeros(len(users) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(seen_users, minlength=len(users)), out=indptr[1:])
+    indptr, seen_items = _seen_items(train.users.numpy(), train_items, len(users), len(items))
     return PreparedInteractions(
         users=users,
         items=items,
@@ -136,6 +144,64 @@ def prepare_interactions(
         split=split,
         item_titles=interactions.item_titles,
     )
+
+
+def _rows_of(row_of_code: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``row_of_code[codes[rows]]``, chunk by chunk: no whole-length temporary of the codes."""
+    out = np.empty(rows.shape[0], dtype=row_of_code.dtype)
+    for start in range(0, rows.shape[0], _PAIR_CHUNK):
+        out[start : start + _PAIR_CHUNK] = row_of_code[codes[rows[start : start + _PAIR_CHUNK]]]
+    return out
+
+
+def _rows_of_codes(vocabulary: Vocabulary, ids: pa.Array, codes: np.ndarray) -> np.ndarray:
+    """``[len(ids)]`` ``int32``: the vocabulary row of every id, for a vocabulary fitted on ``ids[codes]``.
+
+    The log's ids are sorted as text (see :class:`~twotower.data.Interactions`), so the vocabulary's values are
+    ``ids[codes]`` in that order and code ``codes[j]`` has row ``num_oov_buckets + j``: no hash lookup. The other
+    ids get their OOV bucket; a vocabulary in any other order is looked up.
+    """
+    if not vocabulary.arrow_values.equals(ids.take(pa.array(codes))):
+        return vocabulary.lookup(ids).astype(np.int32)
+    rows = np.zeros(len(ids), dtype=np.int32)
+    rows[codes] = np.arange(vocabulary.num_oov_buckets, len(vocabulary), dtype=np.int32)
+    if vocabulary.num_oov_buckets > 1 and codes.shape[0] < len(ids):
+        others = np.ones(len(ids), dtype=bool)
+        others[codes] = False
+        rows[others] = vocabulary.lookup(ids.filter(pa.array(others)))
+    return rows
+
+
+#: Seen pairs are decoded in chunks of this many (bounding the int64 temporaries on logs of tens of millions).
+_PAIR_CHUNK = 1 << 22
+
+
+def _seen_items(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indptr [num_users + 1] int64, items int32)``: each user row's distinct item rows, CSR, ascending.
+
+    Sorts of ``user * num_items + item`` keys and a neighbour comparison (numpy's hash-based unique is several
+    times slower on tens of millions of rows), one range of user rows at a time, so that the ``int64`` keys of
+    only about ``_PAIR_CHUNK`` rows are held at once.
+    """
+    counts = np.zeros(num_users, dtype=np.int64)
+    ranges = max(1, -(-users.shape[0] // _PAIR_CHUNK))
+    bounds = np.linspace(0, num_users, ranges + 1).astype(np.int64)
+    found: list[np.ndarray] = []
+    for low, high in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        chosen = (users >= low) & (users < high) if ranges > 1 else slice(None)
+        pairs = users[chosen].astype(np.int64)
+        pairs *= num_items
+        pairs += items[chosen]
+        pairs.sort()
+        if pairs.size:
+            pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+        counts += np.bincount(pairs // num_items, minlength=num_users)
+        found.append((pairs % num_items).astype(np.int32))
+        del pairs
+    seen = np.concatenate(found) if found else np.zeros(0, dtype=np.int32)
+    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return indptr, seen
 
 
 def describe_cold(prepared: PreparedInteractions, part: PartRows, name: str = "test") -> dict[str, int]:
