@@ -137,10 +137,8 @@ class PipelineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("last_n", "user_oov_buckets", "embedding_dim", "epochs", "batch_size", "num_negatives"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("early_stopping_k", "eval_batch_size"):
+        counts = ("last_n", "user_oov_buckets", "embedding_dim", "epochs", "batch_size", "num_negatives")
+        for name in (*counts, "early_stopping_k", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
