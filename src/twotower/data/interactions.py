@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -136,7 +136,7 @@ class Interactions:
     @classmethod
     def from_arrow(
         cls,
-        table: pa.Table | pa.RecordBatch,
+        table: pa.Table | pa.RecordBatch | _TableColumns | _ParquetColumns,
         user_col: str,
         item_col: str,
         time_col: str | None = None,
@@ -171,38 +171,20 @@ class Interactions:
         """
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
-        if not isinstance(table, pa.Table):
+        if isinstance(table, pa.Table):
+            table = _TableColumns(table)
+        # A Parquet source (from_parquet) is read one column at a time: each column is encoded and let go
+        # before the next is read, so the log never has more than one raw column in memory.
+        if not isinstance(table, (_TableColumns, _ParquetColumns)):
             raise TypeError(f"table must be a pyarrow Table, got {type(table).__name__}")
-        return cls._from_columns(
-            _TableColumns(table), user_col, item_col, time_col, weight_col, items, item_id_col, item_title_col,
-            duplicates, unknown_items, source,
-        )  # fmt: skip
-
-    @classmethod
-    def _from_columns(
-        cls,
-        table: _Columns,
-        user_col: str,
-        item_col: str,
-        time_col: str | None,
-        weight_col: str | None,
-        items: pa.Table | None,
-        item_id_col: str | None,
-        item_title_col: str | None,
-        duplicates: Policy,
-        unknown_items: Policy,
-        source: str,
-    ) -> Interactions:
-        """:meth:`from_arrow` on a source read one column at a time: each column is encoded and let go before
-        the next is read, so a Parquet log never has more than one raw column in memory."""
         for name, value in (("duplicates", duplicates), ("unknown_items", unknown_items)):
             if value not in ("keep", "drop"):
                 raise ValueError(f"{name} must be 'keep' or 'drop', got {value!r}")
         wanted = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "weight_col": weight_col}
         _require_columns(table.column_names, wanted, source)
-        if table.num_rows == 0:
-            raise InteractionsError(f"{source} holds no rows")
         rows_read = table.num_rows
+        if rows_read == 0:
+            raise InteractionsError(f"{source} holds no rows")
         user_codes, user_ids = _encode_ids(table.column(user_col), user_col, source)
         _release_arrow_memory()
         item_codes, item_ids = _encode_ids(table.column(item_col), item_col, source)
@@ -295,17 +277,7 @@ class Interactions:
         }
         columns = _open_columns(path, wanted, id_columns=(user_col, item_col), file_format=file_format)
         catalogue = _catalogue(items, options.get("item_id_col") or item_col, options.get("item_title_col"))
-        settings: dict[str, Any] = {"time_col": None, "weight_col": None, "item_id_col": None}
-        settings.update(item_title_col=None, duplicates="keep", unknown_items="drop")
-        unknown = set(options) - set(settings)
-        if unknown:
-            raise TypeError(f"unexpected option(s) {sorted(unknown)}; expected some of {sorted(settings)}")
-        settings.update(options)
-        return cls._from_columns(
-            columns, user_col, item_col, settings["time_col"], settings["weight_col"], catalogue,
-            settings["item_id_col"], settings["item_title_col"], settings["duplicates"], settings["unknown_items"],
-            str(path),
-        )  # fmt: skip
+        return cls.from_arrow(columns, user_col, item_col, items=catalogue, source=str(path), **options)
 
     @classmethod
     def from_csv(
@@ -356,19 +328,9 @@ def _require_columns(found: Sequence[str], wanted: dict[str, str | None], source
             )
 
 
-class _Columns(Protocol):
-    """A table read one column at a time (an in-memory Arrow table, or a Parquet dataset)."""
-
-    @property
-    def column_names(self) -> list[str]: ...
-
-    @property
-    def num_rows(self) -> int: ...
-
-    def column(self, name: str) -> pa.ChunkedArray: ...
-
-
 class _TableColumns:
+    """An in-memory Arrow table, read as :class:`_ParquetColumns` is (``column_names``, ``num_rows``, ``column``)."""
+
     def __init__(self, table: pa.Table) -> None:
         self.table = table
 
@@ -526,8 +488,6 @@ def _encode_ids(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.nda
     """``(codes [n] int32, distinct ids)``: the distinct ids as ``large_string``, sorted as text (so that the ids
     of any subset of codes, taken in code order, are sorted too and a vocabulary of them needs no sort); null ids
     get code -1."""
-    if isinstance(column, pa.Array):
-        column = pa.chunked_array([column])
     column = _as_id_type(column, name, source)
     if column.null_count == len(column):
         raise InteractionsError(f"{source}: every value of {name!r} is null")

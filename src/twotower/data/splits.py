@@ -61,8 +61,8 @@ _QUANTILE_BINS = 1 << 16
 def _quantile_higher(values: np.ndarray, quantile: float, within: np.ndarray | None = None) -> int:
     """``np.quantile(values[within], quantile, method="higher")`` for integers, exactly, without copying them.
 
-    numpy copies the values and partitions the copy; here two chunked passes (a histogram of the values, then the
-    values of the one bin holding the wanted rank) leave only that bin to partition.
+    numpy copies the values and partitions the copy; here three chunked passes (the range, a histogram of the
+    values, then the values of the one bin holding the wanted rank) leave only that bin to partition.
     """
     chunks = [(start, min(start + _MASK_CHUNK, values.shape[0])) for start in range(0, values.shape[0], _MASK_CHUNK)]
 
@@ -73,8 +73,8 @@ def _quantile_higher(values: np.ndarray, quantile: float, within: np.ndarray | N
     count = int(values.shape[0] if within is None else np.count_nonzero(within))
     if count == 0:
         raise ValueError("a quantile of no values")
-    low = min(int(piece.min()) for piece in pieces() if piece.size)
-    high = max(int(piece.max()) for piece in pieces() if piece.size)
+    extremes = [(int(piece.min()), int(piece.max())) for piece in pieces() if piece.size]
+    low, high = min(least for least, _ in extremes), max(most for _, most in extremes)
     # numpy's "higher": the value at sorted position ceil(quantile * (count - 1)), the index computed in float64.
     rank = int(np.ceil(np.float64(quantile) * (count - 1)))
     width = (high - low) // _QUANTILE_BINS + 1

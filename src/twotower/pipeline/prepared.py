@@ -103,15 +103,13 @@ def prepare_interactions(
     """
     user_rows = slice(None) if user_vocabulary == "all" else split.train
     user_codes = _distinct_codes(interactions.user_codes[user_rows], interactions.num_users)
-    users = Vocabulary(interactions.user_ids.take(pa.array(user_codes)), num_oov_buckets=user_oov_buckets)
     if interactions.in_catalogue:
         item_codes = np.arange(interactions.num_items)
     else:
         item_codes = _distinct_codes(interactions.item_codes[split.train], interactions.num_items)
-    items = Vocabulary(interactions.item_ids.take(pa.array(item_codes)))
     # Each distinct id is looked up once, then gathered per row.
-    user_row_of_code = _rows_of_codes(users, interactions.user_ids, user_codes)
-    item_row_of_code = _rows_of_codes(items, interactions.item_ids, item_codes)
+    users, user_row_of_code = _fit_vocabulary(interactions.user_ids, user_codes, user_oov_buckets)
+    items, item_row_of_code = _fit_vocabulary(interactions.item_ids, item_codes, 1)
     weights = interactions.weights
 
     def part(rows: np.ndarray) -> PartRows:
@@ -154,22 +152,24 @@ def _rows_of(row_of_code: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np
     return out
 
 
-def _rows_of_codes(vocabulary: Vocabulary, ids: pa.Array, codes: np.ndarray) -> np.ndarray:
-    """``[len(ids)]`` ``int32``: the vocabulary row of every id, for a vocabulary fitted on ``ids[codes]``.
+def _fit_vocabulary(ids: pa.Array, codes: np.ndarray, num_oov_buckets: int) -> tuple[Vocabulary, np.ndarray]:
+    """The vocabulary of ``ids[codes]`` and ``[len(ids)]`` ``int32``: the vocabulary row of every id.
 
     The log's ids are sorted as text (see :class:`~twotower.data.Interactions`), so the vocabulary's values are
     ``ids[codes]`` in that order and code ``codes[j]`` has row ``num_oov_buckets + j``: no hash lookup. The other
     ids get their OOV bucket; a vocabulary in any other order is looked up.
     """
-    if not vocabulary.arrow_values.equals(ids.take(pa.array(codes))):
-        return vocabulary.lookup(ids).astype(np.int32)
+    values = ids.take(pa.array(codes))
+    vocabulary = Vocabulary(values, num_oov_buckets=num_oov_buckets)
+    if not vocabulary.arrow_values.equals(values):
+        return vocabulary, vocabulary.lookup(ids).astype(np.int32)
     rows = np.zeros(len(ids), dtype=np.int32)
     rows[codes] = np.arange(vocabulary.num_oov_buckets, len(vocabulary), dtype=np.int32)
     if vocabulary.num_oov_buckets > 1 and codes.shape[0] < len(ids):
         others = np.ones(len(ids), dtype=bool)
         others[codes] = False
         rows[others] = vocabulary.lookup(ids.filter(pa.array(others)))
-    return rows
+    return vocabulary, rows
 
 
 #: Seen pairs are decoded in chunks of this many (bounding the int64 temporaries on logs of tens of millions).
