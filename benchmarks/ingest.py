@@ -1,18 +1,22 @@
 """Reading a large interaction log: twotower's read + vocabulary + split against pandas' read_parquet + factorize.
 
 A generated Parquet log (power-law item popularity, users of varied activity, timestamps over a year; written in
-chunks, so generating it never holds the whole log) is read by each side in its own process, interleaved
-(twotower, pandas, pandas, twotower, ...), and each process reports its wall time (imports excluded) and its
-peak RSS (imports included).
+chunks of 2M rows, so generating it never holds the whole log) is read by each side in its own process,
+interleaved (twotower, pandas, pandas, twotower, ...), and each process reports its wall time (imports excluded)
+and its peak RSS (imports included). The log is in time order, as a log written as it happened is (twotower's
+time split then finds its cut by bisection); ``--order shuffled`` shuffles each chunk's rows, so that the split
+takes its general path (a histogram for the quantile and masks).
 
-* twotower: ``Interactions.from_parquet`` (ids dictionary-encoded in Arrow, times checked, duplicates counted),
-  ``split_interactions`` (global time cut: latest 10% test, 10% of the rest validation) and
-  ``prepare_interactions`` (user and item vocabularies fitted on the training rows, every part as rows).
+* twotower: ``Interactions.from_parquet`` (ids encoded row group by row group, times checked, duplicates
+  counted), ``split_interactions`` (global time cut: latest 10% test, 10% of the rest validation) and
+  ``prepare_interactions`` (user and item vocabularies fitted on the training rows, item counts, every user's
+  seen items).
 * pandas: ``read_parquet`` of the same three columns, ``factorize`` of both id columns, and the same time cut as
   boolean masks: less than twotower does (no duplicate count, no vocabularies of the training rows only).
 
     python benchmarks/ingest.py                    # 50M interactions, 5M users, 1M items, 3 rounds
     python benchmarks/ingest.py --rows 5000000 --users 500000 --items 100000 --rounds 3
+    python benchmarks/ingest.py --order shuffled    # the same log, each chunk's rows shuffled
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(path: Path, rows: int, users: int, items: int, seed: int, chunk: int = 2_000_000) -> None:
-    """Write the log in chunks of ``chunk`` rows (one row group each): columns user_id (int64), item_id (int64),
-    ts (int64 seconds)."""
+def generate(
+    path: Path, rows: int, users: int, items: int, seed: int, shuffled: bool = False, chunk: int = 2_000_000
+) -> None:
+    """Write the log in chunks of ``chunk`` rows: columns user_id (int64), item_id (int64), ts (int64 seconds),
+    in time order, or with each chunk's rows shuffled."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -54,6 +60,8 @@ def generate(path: Path, rows: int, users: int, items: int, seed: int, chunk: in
             item = item_ids[np.searchsorted(item_cdf, rng.random(n))]
             ts = start + np.sort(rng.integers(0, 365 * 86_400, n)) // max(1, rows // n)
             ts += (begin * 365 * 86_400) // rows
+            if shuffled:
+                ts = ts[rng.permutation(n)]
             writer.write_table(pa.table({"user_id": user, "item_id": item, "ts": ts}, schema=schema))
     os.replace(partial, path)
 
@@ -110,16 +118,18 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--order", choices=["time", "shuffled"], default="time", help="rows in time order or not")
     parser.add_argument("--path", type=Path, default=None, help="where the log is kept (default: /tmp, by size)")
     parser.add_argument("--child", choices=["twotower", "pandas"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    path = args.path or Path(f"/tmp/twotower-ingest-{args.rows}-{args.users}-{args.items}-{args.seed}.parquet")
+    suffix = "" if args.order == "time" else "-shuffled"
+    path = args.path or Path(f"/tmp/twotower-ingest-{args.rows}-{args.users}-{args.items}-{args.seed}{suffix}.parquet")
     if args.child:
         _child(args.child, path)
         return
     if not path.exists():
         started = time.perf_counter()
-        generate(path, args.rows, args.users, args.items, args.seed)
+        generate(path, args.rows, args.users, args.items, args.seed, shuffled=args.order == "shuffled")
         print(f"generated {path} ({path.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - started:.0f}s")
     results: dict[str, list[dict[str, float]]] = {"twotower": [], "pandas": []}
     for round_number in range(args.rounds):
@@ -133,8 +143,8 @@ def main() -> None:
             results[side].append(row)
             print(f"round {round_number + 1} {side:<9} {row['seconds']:7.1f}s  peak RSS {row['peak_rss_gib']:.2f} GiB")
     base = _baseline_rss()
-    print(f"\n{args.rows:,} interactions, {args.users:,} users, {args.items:,} items; {args.rounds} interleaved "
-          f"rounds, medians (imports alone: {base:.2f} GiB)")  # fmt: skip
+    print(f"\n{args.rows:,} interactions, {args.users:,} users, {args.items:,} items, {args.order} order; "
+          f"{args.rounds} interleaved rounds, medians (imports alone: {base:.2f} GiB)")  # fmt: skip
     print(f"{'':<10}{'seconds':>9}{'rows/s':>14}{'peak RSS GiB':>14}{'min-max s':>14}")
     medians = {}
     for side, rows in results.items():

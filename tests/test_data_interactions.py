@@ -247,6 +247,59 @@ def test_ids_are_encoded_in_the_text_order_python_sorts(kind: pa.DataType, sprea
     assert [expected[c] for c in log.user_codes.tolist()] == kept
 
 
+@pytest.mark.parametrize("statistics", [True, False])
+def test_parquet_is_encoded_row_group_by_row_group(
+    statistics: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset of two parts, in row groups of 100 and batches of 50 rows, with a row group whose user ids are all
+    null, read as Python reads it row by row. With the parts'
+    statistics the integer ids are encoded by their range (never hashed), without them by Arrow's dictionary."""
+    import twotower.data._columns as columns_module
+    from twotower.data import _chunks
+
+    monkeypatch.setattr(_chunks, "CHUNK", 50)
+    hashed: list[str] = []
+    dictionary = columns_module._encode_by_dictionary
+
+    def recording(column: pa.ChunkedArray, name: str, source: str) -> Any:
+        hashed.append(name)
+        return dictionary(column, name, source)
+
+    monkeypatch.setattr(columns_module, "_encode_by_dictionary", recording)
+    rng = np.random.default_rng(5)
+    n = 1_000
+    users: list[int | None] = [int(v) for v in rng.integers(0, 120, n) * 3 + 10**10]
+    users[7] = None
+    users[500:600] = [None] * 100  # one whole row group
+    items = [int(v) for v in rng.integers(-20, 20, n)]  # negatives: text order is not numeric order
+    times = [int(v) for v in rng.integers(1_600_000_000_000, 1_700_000_000_000, n)]  # milliseconds
+    table = pa.table({"u": pa.array(users, pa.int64()), "i": pa.array(items, pa.int32()), "t": times})
+    (tmp_path / "log").mkdir()
+    for part, (start, end) in enumerate([(0, 600), (600, n)]):
+        pq.write_table(
+            table.slice(start, end - start), tmp_path / "log" / f"part-{part}.parquet",
+            row_group_size=100, write_statistics=statistics,
+        )  # fmt: skip
+    log = Interactions.from_parquet(tmp_path / "log", "u", "i", time_col="t")
+    kept = [(str(u), str(i), t // 1000) for u, i, t in zip(users, items, times, strict=True) if u is not None]
+    assert _decoded(log) == [(u, i, t, None) for u, i, t in kept]
+    assert log.user_ids.to_pylist() == sorted({u for u, _, _ in kept})
+    assert log.item_ids.to_pylist() == sorted({i for _, i, _ in kept})
+    assert (log.report.null_ids, log.report.time_unit) == (101, "integer milliseconds since 1970")
+    assert hashed == ([] if statistics else ["u", "i"])
+
+
+def test_parquet_statistics_that_disagree_with_the_values_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twotower.data._columns import ParquetSource
+
+    pq.write_table(pa.table({"u": [1, 2, 40], "i": [1, 1, 2]}), tmp_path / "log.parquet")
+    monkeypatch.setattr(ParquetSource, "integer_range", lambda self, name: (1, 39) if name == "u" else (1, 2))
+    with pytest.raises(InteractionsError, match=r"statistics of column 'u' say its values lie in \[1, 39\]"):
+        Interactions.from_parquet(tmp_path / "log.parquet", "u", "i")
+
+
 def test_a_dictionary_encoded_column_is_read_by_value() -> None:
     users = pa.array(["b", "a", "b"]).dictionary_encode()
     table = pa.table({"u": users, "i": ["x", "y", "x"]})

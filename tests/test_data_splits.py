@@ -11,13 +11,14 @@ import pytest
 from twotower.data import Interactions, InteractionsError, split_interactions
 
 
-def _log(seed: int = 0, n: int = 600, users: int = 40, with_times: bool = True) -> Interactions:
+def _log(seed: int = 0, n: int = 600, users: int = 40, with_times: bool = True, in_order: bool = False) -> Interactions:
+    """``in_order``: the rows in time order, as a log written as it happened (the split then bisects)."""
     rng = np.random.default_rng(seed)
+    times = 1_500_000_000 + 3_600 * rng.integers(0, 200, n)  # ties on purpose: only 200 distinct times
     columns = {
         "u": rng.integers(0, users, n),
         "i": rng.integers(0, 30, n),
-        # Ties on purpose: only 200 distinct times.
-        "t": 1_500_000_000 + 3_600 * rng.integers(0, 200, n),
+        "t": np.sort(times) if in_order else times,
     }
     table = pa.table(columns if with_times else {k: v for k, v in columns.items() if k != "t"})
     return Interactions.from_arrow(table, "u", "i", time_col="t" if with_times else None)
@@ -28,8 +29,9 @@ def _covers(log: Interactions, *parts: np.ndarray) -> None:
     assert sorted(joined.tolist()) == list(range(len(log))), "the parts must be disjoint and cover every row"
 
 
-def test_time_split_by_quantile_puts_every_later_row_in_test() -> None:
-    log = _log()
+@pytest.mark.parametrize("in_order", [False, True])
+def test_time_split_by_quantile_puts_every_later_row_in_test(in_order: bool) -> None:
+    log = _log(in_order=in_order)
     split = split_interactions(log, "time", test_fraction=0.2, validation_fraction=0.0)
     assert log.timestamps is not None
     times = log.timestamps.tolist()
@@ -42,8 +44,9 @@ def test_time_split_by_quantile_puts_every_later_row_in_test() -> None:
     _covers(log, split.train, split.test)
 
 
-def test_time_split_from_a_date_and_its_validation_cut() -> None:
-    log = _log()
+@pytest.mark.parametrize("in_order", [False, True])
+def test_time_split_from_a_date_and_its_validation_cut(in_order: bool) -> None:
+    log = _log(in_order=in_order)
     assert log.timestamps is not None
     times = log.timestamps.tolist()
     moment = datetime.datetime(2017, 7, 20, tzinfo=datetime.timezone.utc)
@@ -108,10 +111,11 @@ def test_random_split_is_a_seeded_permutation() -> None:
 
 def test_bad_splits_are_refused() -> None:
     log = _log()
-    with pytest.raises(InteractionsError, match="leaves no test rows"):
-        split_interactions(log, "time", test_from="2100-01-01")
-    with pytest.raises(InteractionsError, match="leaves no training rows"):
-        split_interactions(log, "time", test_from="1990-01-01")
+    for either in (log, _log(in_order=True)):
+        with pytest.raises(InteractionsError, match="leaves no test rows"):
+            split_interactions(either, "time", test_from="2100-01-01")
+        with pytest.raises(InteractionsError, match="leaves no training rows"):
+            split_interactions(either, "time", test_from="1990-01-01")
     with pytest.raises(ValueError, match=r"test_from must be an ISO-8601 date.*got 'June'"):
         split_interactions(log, "time", test_from="June")
     with pytest.raises(ValueError, match=r"test_fraction must lie in \(0, 1\), got 1.5"):
@@ -132,8 +136,9 @@ def test_the_time_cut_is_numpys_higher_quantile(shape: str, monkeypatch: pytest.
     """The chunked histogram selection equals ``np.quantile(..., method="higher")`` on the selected values, at
     every quantile, for spreads that put everything in one bin or across chunk boundaries."""
     import twotower.data.splits as splits_module
+    from twotower.data import _chunks
 
-    monkeypatch.setattr(splits_module, "_MASK_CHUNK", 1_000)  # many chunks, so pieces straddle them
+    monkeypatch.setattr(_chunks, "CHUNK", 1_000)  # many chunks, so pieces straddle them
     rng = np.random.default_rng(11)
     n = 7_919
     values = {

@@ -22,9 +22,9 @@ def _fnv1a_64(text: str) -> int:
 @pytest.mark.parametrize("buckets", [1, 3])
 @pytest.mark.parametrize("ids", ["strings", "dense integers", "sparse integers"])
 def test_rows_counts_and_seen_items_match_python(ids: str, buckets: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import twotower.pipeline.prepared as prepared_module
+    from twotower.data import _chunks
 
-    monkeypatch.setattr(prepared_module, "_PAIR_CHUNK", 97)  # seen pairs deduplicated across chunk boundaries
+    monkeypatch.setattr(_chunks, "CHUNK", 97)  # seen pairs deduplicated across chunk boundaries
     rng = np.random.default_rng(7)
     n = 3_000
     users, items = rng.integers(0, 300, n), rng.integers(0, 80, n)

@@ -12,7 +12,8 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-#: Rows per chunk: large enough that the per-chunk Python overhead is noise, small enough for the cache.
+#: Rows per chunk, for every chunked pass over a log (read at each call, so a test can make chunks small): large
+#: enough that the per-chunk Python overhead is noise, small enough that a chunk's temporaries stay in cache.
 CHUNK = 1 << 20
 
 
@@ -24,12 +25,17 @@ def _workers() -> int:
     return max(1, min(cores, 8))
 
 
-def for_each_chunk(count: int, work: Callable[[int, int], None], chunk: int = CHUNK) -> None:
-    """Call ``work(start, end)`` for consecutive ``[start, end)`` chunks covering ``range(count)``.
+def chunk_bounds(count: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` chunks of :data:`CHUNK` rows covering ``range(count)``."""
+    return [(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK)]
+
+
+def for_each_chunk(count: int, work: Callable[[int, int], None]) -> None:
+    """Call ``work(start, end)`` for the :func:`chunk_bounds` of ``count``, on a few threads.
 
     ``work`` must write only to its own rows' slice of any shared output. Exceptions propagate to the caller.
     """
-    bounds = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    bounds = chunk_bounds(count)
     workers = _workers()
     if len(bounds) < 2 or workers == 1:
         for start, end in bounds:

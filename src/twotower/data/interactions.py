@@ -3,10 +3,11 @@
 :class:`Interactions` is one log, columnar and encoded once: each id column becomes ``int32`` codes into an Arrow
 array of its distinct ids, sorted as text (integer ids spanning a range not much wider than the log by a table
 indexed by value, others by one hash pass, :func:`pyarrow.compute.dictionary_encode`), times become ``int64``
-seconds, weights ``float32``. A Parquet log is read one column at a time, each encoded before the next is read.
-Nothing is held per row as a Python object, so a log of tens of millions of rows costs a few bytes per row and
-column (see ``benchmarks/ingest.py``). What reading dropped or found is counted in :class:`ReadReport`: rows with
-a null id or time, duplicate rows, interactions with items missing from the catalogue.
+seconds, weights ``float32``. Every column is encoded as its batches stream by (a Parquet log one row group at a
+time, see :mod:`twotower.data._columns`), so the log is never held as Arrow columns, and nothing is held per row as
+a Python object: a log of tens of millions of rows costs 16 bytes per row or so (see ``benchmarks/ingest.py``).
+What reading dropped or found is counted in :class:`ReadReport`: rows with a null id or time, duplicate rows,
+interactions with items missing from the catalogue.
 """
 
 from __future__ import annotations
@@ -22,22 +23,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twotower.data._chunks import for_each_chunk
-from twotower.data.movielens import DataError
+from twotower.data._columns import (
+    IdColumn,
+    InteractionsError,
+    ParquetSource,
+    SecondsColumn,
+    TableSource,
+    WeightColumn,
+    encode_ids,
+)
+
+__all__ = ["Interactions", "InteractionsError", "Policy", "ReadReport", "read_table"]
 
 Policy = Literal["keep", "drop"]
-#: Below this many seconds an integer time is read as seconds (1e11 s is the year 5138; 1e11 ms is 1973), and so
-#: on for milliseconds and microseconds; above, nanoseconds.
-_UNIT_LIMITS = ((1e11, "seconds", 1), (1e14, "milliseconds", 1_000), (1e17, "microseconds", 1_000_000))
-_TIMESTAMP_DIVISORS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
-# Powers of ten as uint64: 10**0 .. 10**19 (10**19 < 2**64).
-_POWERS_OF_TEN = np.array([10**power for power in range(20)], dtype=np.uint64)
-#: An integer id column whose values span at most this many times its length (or 2**16) is encoded by direct
-#: addressing (a table indexed by value - min), not hashed: no hash table, one pass to mark and one to look up.
-_DIRECT_SPAN_PER_ROW = 2
-
-
-class InteractionsError(DataError):
-    """An interaction log or catalogue cannot be read as asked (a missing column, no rows, a bad type)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ class Interactions:
     @classmethod
     def from_arrow(
         cls,
-        table: pa.Table | pa.RecordBatch | _TableColumns | _ParquetColumns,
+        table: pa.Table | pa.RecordBatch | TableSource | ParquetSource,
         user_col: str,
         item_col: str,
         time_col: str | None = None,
@@ -172,10 +170,8 @@ class Interactions:
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         if isinstance(table, pa.Table):
-            table = _TableColumns(table)
-        # A Parquet source (from_parquet) is read one column at a time: each column is encoded and let go
-        # before the next is read, so the log never has more than one raw column in memory.
-        if not isinstance(table, (_TableColumns, _ParquetColumns)):
+            table = TableSource(table)
+        if not isinstance(table, (TableSource, ParquetSource)):
             raise TypeError(f"table must be a pyarrow Table, got {type(table).__name__}")
         for name, value in (("duplicates", duplicates), ("unknown_items", unknown_items)):
             if value not in ("keep", "drop"):
@@ -185,25 +181,40 @@ class Interactions:
         rows_read = table.num_rows
         if rows_read == 0:
             raise InteractionsError(f"{source} holds no rows")
-        user_codes, user_ids = _encode_ids(table.column(user_col), user_col, source)
+        # Every column is encoded as its batches stream by (a Parquet row group at a time): the log is never held
+        # as Arrow columns, only as the encoded arrays.
+        users, items_read = (_id_column(table, name, rows_read, source) for name in (user_col, item_col))
+        encoders: dict[str, IdColumn | SecondsColumn | WeightColumn] = {"user": users, "item": items_read}
+        names = [user_col, item_col]
+        if time_col is not None:
+            encoders["time"] = SecondsColumn(time_col, table.column_type(time_col), rows_read, source)
+            names.append(time_col)
+        if weight_col is not None:
+            encoders["weight"] = WeightColumn(weight_col, table.column_type(weight_col), rows_read, source)
+            names.append(weight_col)
+        start = 0
+        for batch in table.batches(names):
+            for encoder, chunk in zip(encoders.values(), batch, strict=True):
+                encoder.add(start, chunk)
+            start += len(batch[0])
+        del table
         _release_arrow_memory()
-        item_codes, item_ids = _encode_ids(table.column(item_col), item_col, source)
-        _release_arrow_memory()
+        user_codes, user_ids = users.finish()
+        item_codes, item_ids = items_read.finish()
         null_id = (user_codes < 0) | (item_codes < 0)
         if bool(null_id.all()):
             raise InteractionsError(f"{source}: every row has a null {user_col!r} or {item_col!r}")
         keep = ~null_id
         timestamps, time_unit = (None, None)
         null_times = 0
-        if time_col is not None:
-            timestamps, time_valid, time_unit = _seconds(table.column(time_col), time_col, source)
-            _release_arrow_memory()
-            null_times = int((keep & ~time_valid).sum())
-            keep &= time_valid
-            if not keep.any():
-                raise InteractionsError(f"{source}: every row has a null id or a null {time_col!r}")
-        weights = None if weight_col is None else _weights(table.column(weight_col), weight_col, source)
-        del table
+        if isinstance(times := encoders.get("time"), SecondsColumn):
+            timestamps, time_valid, time_unit = times.finish()
+            if time_valid is not None:
+                null_times = int((keep & ~time_valid).sum())
+                keep &= time_valid
+                if not keep.any():
+                    raise InteractionsError(f"{source}: every row has a null id or a null {time_col!r}")
+        weights = weighting.finish() if isinstance(weighting := encoders.get("weight"), WeightColumn) else None
         titles: dict[str, str] = {}
         unknown = 0
         catalogue_items = None
@@ -314,6 +325,11 @@ class Interactions:
         )
 
 
+def _id_column(table: TableSource | ParquetSource, name: str, rows: int, source: str) -> IdColumn:
+    kind = table.column_type(name)
+    return IdColumn(name, kind, rows, table.integer_range(name) if pa.types.is_integer(kind) else None, source)
+
+
 def _release_arrow_memory() -> None:
     """Hand the pages of a column just let go back to the system: Arrow's allocator keeps freed memory for reuse,
     which numpy, allocating the next arrays, cannot use."""
@@ -328,59 +344,6 @@ def _require_columns(found: Sequence[str], wanted: dict[str, str | None], source
             )
 
 
-class _TableColumns:
-    """An in-memory Arrow table, read as :class:`_ParquetColumns` is (``column_names``, ``num_rows``, ``column``)."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.table = table
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self.table.column_names)
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.table.num_rows)
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        return self.table.column(name)
-
-
-class _ParquetColumns:
-    """The named columns of a Parquet dataset, each decoded only when asked for (row group by row group)."""
-
-    def __init__(self, dataset: Any, names: list[str], path: Path) -> None:
-        self.dataset, self.names, self.path = dataset, names, path
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self.names)
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.dataset.count_rows())  # from the files' metadata
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        """The column, read file by file and row group by row group: the dataset scanner's read-ahead holds
-        about twice the column's size in decoded pages at its peak, one row group at a time a few MB."""
-        import pyarrow.parquet as pq
-
-        kind = self.dataset.schema.field(name).type
-        chunks: list[pa.Array] = []
-        try:
-            for file in self.dataset.files:
-                reader = pq.ParquetFile(file)
-                for group in range(reader.metadata.num_row_groups):
-                    if name not in reader.schema_arrow.names:  # a part without the column: nulls, as the scanner
-                        chunks.append(pa.nulls(reader.metadata.row_group(group).num_rows, kind))
-                        continue
-                    read = reader.read_row_group(group, columns=[name]).column(0)
-                    chunks.extend(chunk if chunk.type == kind else chunk.cast(kind) for chunk in read.chunks)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
-            raise InteractionsError(f"{self.path} cannot be read as parquet: {error}") from None
-        return pa.chunked_array(chunks, type=kind)
-
-
 def read_table(
     path: str | os.PathLike[str],
     columns: Sequence[str] | dict[str, str | None],
@@ -392,7 +355,7 @@ def read_table(
     ``columns`` is a list of names, or ``{argument: name or None}`` so that a missing column's error names the
     argument that asked for it.
 
-    Parquet is read column by column in row groups (only the named columns are decoded); a CSV file is parsed in
+    Only the named columns of a Parquet dataset are decoded; a CSV file is parsed in
     blocks on several threads, its ``id_columns`` read as text so that ids such as ``"007"`` stay as written.
     ``file_format`` (``"csv"`` or ``"parquet"``) overrides the guess from the name (a directory is Parquet, a
     name ending in ``.tsv`` tab-separated CSV).
@@ -401,7 +364,7 @@ def read_table(
         InteractionsError: no such file, an unknown format, or a named column is missing (listing those found).
     """
     opened = _open_columns(path, columns, id_columns, file_format)
-    if isinstance(opened, _TableColumns):
+    if isinstance(opened, TableSource):
         return opened.table
     try:
         table: pa.Table = opened.dataset.to_table(columns=opened.names)
@@ -415,8 +378,8 @@ def _open_columns(
     columns: Sequence[str] | dict[str, str | None],
     id_columns: Sequence[str] = (),
     file_format: str | None = None,
-) -> _TableColumns | _ParquetColumns:
-    """:func:`read_table`'s checks; a CSV file is read whole, a Parquet dataset opened for reading by column."""
+) -> TableSource | ParquetSource:
+    """:func:`read_table`'s checks; a CSV file is read whole, a Parquet dataset opened for reading by row group."""
     import pyarrow.csv as pacsv
     import pyarrow.dataset as ds
 
@@ -440,7 +403,7 @@ def _open_columns(
         if file_format == "parquet":
             dataset = ds.dataset(path, format="parquet")
             _require_columns(dataset.schema.names, wanted, str(path))
-            return _ParquetColumns(dataset, names, path)
+            return ParquetSource(dataset, names, path)
         else:
             delimiter = "\t" if ".tsv" in path.name.lower() else ","
             parse = pacsv.ParseOptions(delimiter=delimiter)
@@ -452,7 +415,7 @@ def _open_columns(
                 column_types={name: pa.string() for name in id_columns},
                 strings_can_be_null=True,
             )
-            return _TableColumns(pacsv.read_csv(path, parse_options=parse, convert_options=convert))
+            return TableSource(pacsv.read_csv(path, parse_options=parse, convert_options=convert))
     except pa.ArrowInvalid as error:
         if "Empty CSV file" in str(error):
             raise InteractionsError(f"{path} is empty") from None
@@ -472,190 +435,6 @@ def _catalogue(items: Any, id_col: str, title_col: str | None) -> pa.Table | Non
     return pa.Table.from_pandas(items, preserve_index=False)
 
 
-def _as_id_type(column: pa.ChunkedArray, name: str, source: str) -> pa.ChunkedArray:
-    kind = column.type
-    if pa.types.is_dictionary(kind):
-        column = pc.cast(column, kind.value_type)  # decoded; re-encoded below against the whole column
-        kind = column.type
-    if pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return column
-    if pa.types.is_null(kind):
-        raise InteractionsError(f"{source}: every value of {name!r} is null")
-    raise InteractionsError(f"{source}: column {name!r} must hold ids (strings or integers), got {kind}")
-
-
-def _encode_ids(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarray, pa.Array]:
-    """``(codes [n] int32, distinct ids)``: the distinct ids as ``large_string``, sorted as text (so that the ids
-    of any subset of codes, taken in code order, are sorted too and a vocabulary of them needs no sort); null ids
-    get code -1."""
-    column = _as_id_type(column, name, source)
-    if column.null_count == len(column):
-        raise InteractionsError(f"{source}: every value of {name!r} is null")
-    if pa.types.is_integer(column.type):
-        extremes = pc.min_max(column)
-        low, high = int(extremes["min"].as_py()), int(extremes["max"].as_py())
-        if high - low < max(1 << 16, _DIRECT_SPAN_PER_ROW * len(column)):
-            return _encode_dense_integers(column, low, high)
-    encoded = pc.dictionary_encode(column)
-    # On a chunked array the hash table is shared by the chunks, so every chunk carries the same final dictionary.
-    chunks = [chunk for chunk in encoded.chunks if len(chunk)]
-    distinct = chunks[-1].dictionary
-    if len(distinct) >= np.iinfo(np.int32).max:
-        raise InteractionsError(f"{source}: {name!r} has more than 2**31 distinct ids")
-    if pa.types.is_integer(distinct.type):
-        order = _decimal_text_order(distinct.to_numpy())
-    else:
-        order = pc.sort_indices(distinct).to_numpy()
-    # The code of dictionary entry d is its rank in text order; the null code -1 stays -1 (the last entry).
-    rank = np.empty(len(distinct) + 1, dtype=np.int32)
-    rank[order] = np.arange(len(distinct), dtype=np.int32)
-    rank[-1] = -1
-    codes = np.empty(len(column), dtype=np.int32)
-    start = 0
-    for chunk in chunks:
-        indices = chunk.indices
-        if indices.null_count:
-            indices = pc.fill_null(indices, -1)
-        codes[start : start + len(chunk)] = rank[indices.to_numpy()]
-        start += len(chunk)
-    return codes, pc.cast(distinct.take(pa.array(order)), pa.large_string())
-
-
-def _chunk_offsets(chunk: pa.Array, low: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(value - low [m] int64, valid [m] bool or None when no value is null)``; nulls read as ``low``."""
-    valid = None
-    if chunk.null_count:
-        valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-        chunk = pc.fill_null(chunk, low)
-    values = chunk.to_numpy()
-    # Wrapping arithmetic in 64 bits is exact here: every difference lies in [0, span), far below 2**63.
-    wrapped_low = np.array(low).astype(np.uint64).astype(np.int64) if low >= 2**63 else np.int64(low)
-    offsets: np.ndarray = values.astype(np.int64, copy=False) - wrapped_low
-    return offsets, valid
-
-
-def _encode_dense_integers(column: pa.ChunkedArray, low: int, high: int) -> tuple[np.ndarray, pa.Array]:
-    """:func:`_encode_ids` for integers spanning ``[low, high]``, few enough to index a table by value."""
-    present = np.zeros(high - low + 1, dtype=bool)
-    for chunk in column.chunks:
-        offsets, valid = _chunk_offsets(chunk, low)
-        present[offsets if valid is None else offsets[valid]] = True
-    where = np.flatnonzero(present)
-    del present
-    unsigned = pa.types.is_unsigned_integer(column.type)
-    values = where.astype(np.uint64) + np.uint64(low) if unsigned else where + np.int64(low)
-    order = _decimal_text_order(values)
-    code_of_offset = np.empty(high - low + 1, dtype=np.int32)
-    code_of_offset[where[order]] = np.arange(where.shape[0], dtype=np.int32)
-    codes = np.empty(len(column), dtype=np.int32)
-    start = 0
-    for chunk in column.chunks:
-        offsets, valid = _chunk_offsets(chunk, low)
-        part = codes[start : start + len(chunk)]
-        np.take(code_of_offset, offsets, out=part)
-        if valid is not None:
-            part[~valid] = -1
-        start += len(chunk)
-    return codes, pc.cast(pa.array(values[order]), pa.large_string())
-
-
-def _decimal_text_order(values: np.ndarray) -> np.ndarray:
-    """The permutation that sorts integers as their decimal text sorts (bytewise, as Arrow sorts strings).
-
-    Without building the strings: ``"-"`` sorts before every digit, so negatives come first; within a sign, the
-    text order is that of the magnitude's digits left-aligned (the magnitude times ``10**(19 - digits)``), a
-    shorter text first when one is a prefix of the other. Integers of one sign and one digit count sort as
-    numbers, which is the common case (fixed-width ids) and one ``argsort``, or none when already ascending.
-    """
-    count = values.shape[0]
-    if count < 2:
-        return np.arange(count)
-    if values.dtype.kind == "u":
-        negative = np.zeros(count, dtype=bool)
-        magnitude = values.astype(np.uint64)
-    else:
-        values = values.astype(np.int64, copy=False)
-        negative = values < 0
-        magnitude = values.astype(np.uint64)
-        magnitude[negative] = ~magnitude[negative] + np.uint64(1)  # two's complement: exact for -2**63 too
-    if int(magnitude.max()) >= 10**19:  # 20-digit unsigned ids: too wide to left-align in 64 bits
-        by_text: np.ndarray = pc.sort_indices(pc.cast(pa.array(values), pa.large_string())).to_numpy()
-        return by_text
-    digits = np.maximum(np.searchsorted(_POWERS_OF_TEN, magnitude, side="right"), 1)  # 1 .. 19 ("0": 1)
-    if not negative.any() and digits.min() == digits.max():
-        if bool((magnitude[1:] > magnitude[:-1]).all()):
-            return np.arange(count)
-        return np.argsort(magnitude, kind="stable")
-    aligned = magnitude * _POWERS_OF_TEN[19 - digits]
-    return np.lexsort((digits, aligned, ~negative))
-
-
-def _seconds(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(int64 seconds [n], valid [n] bool, how the column was read)``."""
-    kind = column.type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        try:
-            column = pc.cast(column, pa.timestamp("s"))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            raise InteractionsError(
-                f"{source}: time column {name!r} is not a time: its strings are not ISO-8601 times ({error})"
-            ) from None
-        kind, unit_text = column.type, "ISO-8601 text"
-    else:
-        unit_text = ""
-    valid = pc.is_valid(column).to_numpy(zero_copy_only=False) if column.null_count else np.ones(len(column), bool)
-    if pa.types.is_timestamp(kind):
-        divisor = _TIMESTAMP_DIVISORS[kind.unit]
-        values = pc.fill_null(pc.cast(column, pa.int64()), 0).to_numpy()
-        return np.floor_divide(values, divisor), valid, unit_text or f"timestamp[{kind.unit}]"
-    if pa.types.is_date(kind):
-        days = pc.fill_null(pc.cast(pc.cast(column, pa.date32()), pa.int32()), 0).to_numpy()
-        return days.astype(np.int64) * 86_400, valid, "dates"
-    if pa.types.is_integer(kind):
-        extremes = pc.min_max(column)
-        largest = max(abs(int(extremes["min"].as_py() or 0)), abs(int(extremes["max"].as_py() or 0)))
-        if column.null_count:
-            column = pc.fill_null(column, 0)
-        values = _int64_array(column)
-        unit, divisor = next(((unit, divisor) for limit, unit, divisor in _UNIT_LIMITS if largest < limit),
-                             ("nanoseconds", 1_000_000_000))  # fmt: skip
-        if divisor != 1:
-            np.floor_divide(values, divisor, out=values)
-        return values, valid, f"integer {unit} since 1970"
-    if pa.types.is_floating(kind):
-        values = pc.fill_null(column, 0.0).to_numpy().astype(np.float64)
-        finite = np.isfinite(values)
-        if not finite[valid].all():
-            raise InteractionsError(f"{source}: time column {name!r} holds NaN or infinite values")
-        return np.floor(values).astype(np.int64), valid, "seconds since 1970 (floats)"
-    raise InteractionsError(
-        f"{source}: time column {name!r} is not a time: expected integers, floats, timestamps, dates or ISO-8601 "
-        f"strings, got {kind}"
-    )
-
-
-def _int64_array(column: pa.ChunkedArray) -> np.ndarray:
-    """A null-free integer column as one writable ``int64`` numpy array, copied chunk by chunk (no Arrow
-    intermediate: concatenating the chunks first would hold the column twice)."""
-    values = np.empty(len(column), dtype=np.int64)
-    start = 0
-    for chunk in column.chunks:
-        values[start : start + len(chunk)] = chunk.to_numpy()
-        start += len(chunk)
-    return values
-
-
-def _weights(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
-    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-        raise InteractionsError(f"{source}: weight column {name!r} must hold numbers, got {column.type}")
-    if column.null_count:
-        raise InteractionsError(f"{source}: weight column {name!r} holds {column.null_count} nulls")
-    values: np.ndarray = column.to_numpy().astype(np.float64)
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise InteractionsError(f"{source}: weight column {name!r} must hold finite numbers >= 0")
-    return values.astype(np.float32)
-
-
 def _against_catalogue(
     item_codes: np.ndarray,
     item_ids: pa.Array,
@@ -671,7 +450,7 @@ def _against_catalogue(
     _require_columns(items.column_names, wanted, catalogue_source)
     if items.num_rows == 0:
         raise InteractionsError(f"{catalogue_source} holds no rows")
-    codes, catalogue_ids = _encode_ids(items.column(id_col), id_col, catalogue_source)
+    codes, catalogue_ids = encode_ids(items.column(id_col), id_col, catalogue_source)
     titles: dict[str, str] = {}
     if title_col is not None:
         title_values = pc.cast(items.column(title_col), pa.large_string()).to_pylist()
@@ -690,8 +469,6 @@ def _against_catalogue(
     return mapped, all_ids, in_catalogue, titles
 
 
-#: The second hashing pass of the duplicate search goes in chunks of this many rows.
-_CANDIDATE_CHUNK = 1 << 23
 _MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9))
 
 
@@ -735,15 +512,24 @@ def _first_occurrences(
         return first
     ordered = _row_hashes(columns)
     ordered.sort()  # in place: the rows' order is recovered by hashing again, cheaper than a second copy
-    repeated = pa.array(np.unique(ordered[1:][ordered[1:] == ordered[:-1]]))
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     del ordered
-    if len(repeated) == 0:
+    if repeated.shape[0] == 0:
         return first
+    # A table of the hashes' top 24 bits sends only the few rows that may have a repeated hash to the exact
+    # search among them (a bisection per row costs ten times the hash).
+    screen = np.zeros(1 << 24, dtype=bool)
+    screen[repeated >> np.uint32(8)] = True
     marked = np.zeros(count, dtype=bool)
-    for start in range(0, count, _CANDIDATE_CHUNK):
-        end = min(start + _CANDIDATE_CHUNK, count)
+
+    def mark(start: int, end: int) -> None:
         hashes = _row_hashes([column[start:end] for column in columns])
-        marked[start:end] = pc.is_in(hashes, value_set=repeated).to_numpy(zero_copy_only=False)
+        maybe = np.flatnonzero(screen[hashes >> np.uint32(8)])
+        candidates = hashes[maybe]
+        position = np.minimum(np.searchsorted(repeated, candidates), repeated.shape[0] - 1)
+        marked[start + maybe[repeated[position] == candidates]] = True
+
+    for_each_chunk(count, mark)
     candidates = np.flatnonzero(marked)
     table = {f"key{number}": column[candidates] for number, column in enumerate(columns)}
     table["row"] = candidates

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from twotower.data._chunks import chunk_bounds
 from twotower.data.interactions import Interactions, InteractionsError
 
 SplitMethod = Literal["time", "random", "last-n"]
@@ -41,16 +42,9 @@ def _index_type(count: int) -> type[np.signedinteger[Any]]:
     return np.int32 if count < 2**31 else np.int64
 
 
-#: Masks are turned into positions in chunks of this many rows (bounding the ``int64`` temporaries).
-_MASK_CHUNK = 1 << 22
-
-
 def _positions(mask: np.ndarray, index_type: type[np.signedinteger[Any]]) -> np.ndarray:
     """``np.flatnonzero(mask)`` as ``index_type``, without a whole-length ``int64`` temporary."""
-    parts = [
-        (np.flatnonzero(mask[start : start + _MASK_CHUNK]) + start).astype(index_type)
-        for start in range(0, mask.shape[0], _MASK_CHUNK)
-    ]
+    parts = [(np.flatnonzero(mask[start:end]) + start).astype(index_type) for start, end in chunk_bounds(mask.shape[0])]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=index_type)
 
 
@@ -64,7 +58,7 @@ def _quantile_higher(values: np.ndarray, quantile: float, within: np.ndarray | N
     numpy copies the values and partitions the copy; here three chunked passes (the range, a histogram of the
     values, then the values of the one bin holding the wanted rank) leave only that bin to partition.
     """
-    chunks = [(start, min(start + _MASK_CHUNK, values.shape[0])) for start in range(0, values.shape[0], _MASK_CHUNK)]
+    chunks = chunk_bounds(values.shape[0])
 
     def pieces() -> Iterator[np.ndarray]:
         for start, end in chunks:
@@ -89,24 +83,68 @@ def _quantile_higher(values: np.ndarray, quantile: float, within: np.ndarray | N
     return int(np.partition(in_bin, rank)[rank])
 
 
+def _test_from(before: str) -> int:
+    try:
+        moment = datetime.datetime.fromisoformat(before)
+    except ValueError:
+        raise ValueError(f"test_from must be an ISO-8601 date or time such as 2018-06-01, got {before!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
+def _describe_cut(cut: int, what: str) -> str:
+    when = datetime.datetime.fromtimestamp(cut, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{what} from {when} on"
+
+
 def _time_cut(
     times: np.ndarray, fraction: float, before: str | None, what: str, within: np.ndarray | None = None
 ) -> tuple[np.ndarray, str]:
     """``[n]`` bool, the rows at or after the cut: the ``1 - fraction`` quantile of ``times[within]``, or the
     date ``before``."""
-    if before is not None:
-        try:
-            moment = datetime.datetime.fromisoformat(before)
-        except ValueError:
-            raise ValueError(f"test_from must be an ISO-8601 date or time such as 2018-06-01, got {before!r}") from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=datetime.timezone.utc)
-        cut = int(moment.timestamp())
-    else:
-        cut = _quantile_higher(times, 1.0 - fraction, within)
-    after = times >= cut
-    when = datetime.datetime.fromtimestamp(cut, tz=datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return after, f"{what} from {when} on"
+    cut = _test_from(before) if before is not None else _quantile_higher(times, 1.0 - fraction, within)
+    return times >= cut, _describe_cut(cut, what)
+
+
+def _in_time_order(times: np.ndarray) -> bool:
+    """Whether ``times`` never decreases (a log written as it happened), checked chunk by chunk."""
+    return all(
+        bool((times[max(start - 1, 0) + 1 : end] >= times[max(start - 1, 0) : end - 1]).all())
+        for start, end in chunk_bounds(times.shape[0])
+    )
+
+
+def _sorted_cut(times: np.ndarray, end: int, fraction: float, before: str | None, what: str) -> tuple[int, str]:
+    """:func:`_time_cut` of ``times[:end]`` when they never decrease: the first row at or after the cut, found by
+    bisection (the quantile of sorted values is the value at its rank)."""
+    rank = int(np.ceil(np.float64(1.0 - fraction) * (end - 1)))  # as _quantile_higher's
+    cut = _test_from(before) if before is not None else int(times[rank])
+    return int(np.searchsorted(times[:end], cut, side="left")), _describe_cut(cut, what)
+
+
+def _split_in_time_order(
+    times: np.ndarray, test_fraction: float, validation_fraction: float, test_from: str | None
+) -> Split:
+    """The time split of a log whose times never decrease: every part a range of rows, no mask or sort."""
+    count = times.shape[0]
+    index_type = _index_type(count)
+    boundary, description = _sorted_cut(times, count, test_fraction, test_from, "test")
+    if boundary == count:
+        raise InteractionsError(f"the time split leaves no test rows: {description}")
+    if boundary == 0:
+        raise InteractionsError(f"the time split leaves no training rows: {description}")
+    train_end = boundary
+    if validation_fraction > 0:
+        validation_start, text = _sorted_cut(times, boundary, validation_fraction, None, "validation")
+        if 0 < validation_start < boundary:
+            train_end, description = validation_start, f"{description}; {text}"
+    return Split(
+        train=np.arange(train_end, dtype=index_type),
+        validation=np.arange(train_end, boundary, dtype=index_type),
+        test=np.arange(boundary, count, dtype=index_type),
+        description=description,
+    )
 
 
 def _last_n_per_user(users: np.ndarray, times: np.ndarray | None, count: int) -> np.ndarray:
@@ -165,6 +203,8 @@ def split_interactions(
     times = interactions.timestamps
     if method == "time" and times is None:
         raise ValueError("a time split needs a time column (time_col / --time-col); use --split random or last-n")
+    if method == "time" and times is not None and _in_time_order(times):
+        return _split_in_time_order(times, test_fraction, validation_fraction, test_from)
     index_type = _index_type(len(interactions))
 
     def cut(part: np.ndarray | None, fraction: float, what: str, salt: int) -> tuple[np.ndarray, np.ndarray, str]:

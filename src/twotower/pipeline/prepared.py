@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from twotower.data._chunks import chunk_bounds, for_each_chunk
 from twotower.data.interactions import Interactions, InteractionsError
 from twotower.data.splits import Split
 from twotower.vocabulary import Vocabulary
@@ -16,22 +18,37 @@ from twotower.vocabulary import Vocabulary
 
 @dataclass(frozen=True)
 class PartRows:
-    """One part of the split as embedding rows: ``users [n]``, ``items [n]`` (``int32`` tensors: half the memory
-    of ``int64`` on logs of tens of millions, and what ``nn.Embedding`` and indexing accept alike), ``weights``,
-    and where the rows lie in the log (``log_rows``), from which :attr:`user_codes` and :attr:`item_codes` (the
-    rows' ids, which tell apart users or items that share an OOV row) are gathered when asked for.
+    """One part of the split: where its rows lie in the log (``log_rows``), from which its embedding rows
+    (:attr:`users`, :attr:`items`) and ids (:attr:`user_codes`, :attr:`item_codes`: they tell apart users or
+    items that share an OOV row) are gathered when asked for, not held: on a log of tens of millions of rows that
+    would be 8 bytes per row for every part, kept for as long as the run.
 
     A user or item outside its vocabulary has a row below the vocabulary's OOV bucket count (for items: 0).
     """
 
-    users: torch.Tensor
-    items: torch.Tensor
-    weights: torch.Tensor | None
     log_rows: np.ndarray
     log: Interactions = field(repr=False)
+    user_row_of_code: np.ndarray = field(repr=False)
+    item_row_of_code: np.ndarray = field(repr=False)
 
     def __len__(self) -> int:
-        return int(self.users.shape[0])
+        return int(self.log_rows.shape[0])
+
+    @property
+    def users(self) -> torch.Tensor:
+        """``[n]`` ``int32``: each row's user embedding row (gathered on every access: keep it if reused)."""
+        return torch.from_numpy(_rows_of(self.user_row_of_code, self.log.user_codes, self.log_rows))
+
+    @property
+    def items(self) -> torch.Tensor:
+        """``[n]`` ``int32``: each row's item embedding row (gathered on every access: keep it if reused)."""
+        return torch.from_numpy(_rows_of(self.item_row_of_code, self.log.item_codes, self.log_rows))
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """``[n]`` ``float32`` weights, or ``None`` for a log without them."""
+        weights = self.log.weights
+        return None if weights is None else torch.from_numpy(weights[self.log_rows])
 
     @property
     def user_codes(self) -> np.ndarray:
@@ -110,26 +127,14 @@ def prepare_interactions(
     # Each distinct id is looked up once, then gathered per row.
     users, user_row_of_code = _fit_vocabulary(interactions.user_ids, user_codes, user_oov_buckets)
     items, item_row_of_code = _fit_vocabulary(interactions.item_ids, item_codes, 1)
-    weights = interactions.weights
 
     def part(rows: np.ndarray) -> PartRows:
-        return PartRows(
-            users=torch.from_numpy(_rows_of(user_row_of_code, interactions.user_codes, rows)),
-            items=torch.from_numpy(_rows_of(item_row_of_code, interactions.item_codes, rows)),
-            weights=None if weights is None else torch.from_numpy(weights[rows]),
-            log_rows=rows,
-            log=interactions,
-        )
+        return PartRows(rows, interactions, user_row_of_code, item_row_of_code)
 
     train = part(split.train)
-    train_items = train.items.numpy()
-    if not bool((train_items > 0).any()):
+    counts, indptr, seen_items = _counts_and_seen(train, len(users), len(items))
+    if not bool((seen_items > 0).any()):
         raise InteractionsError("the training rows hold no item of the vocabulary")
-    counts = np.bincount(
-        train_items, weights=None if train.weights is None else train.weights.numpy(), minlength=len(items)
-    ).astype(np.float64)
-    counts[0] = 0.0
-    indptr, seen_items = _seen_items(train.users.numpy(), train_items, len(users), len(items))
     return PreparedInteractions(
         users=users,
         items=items,
@@ -145,10 +150,13 @@ def prepare_interactions(
 
 
 def _rows_of(row_of_code: np.ndarray, codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``row_of_code[codes[rows]]``, chunk by chunk: no whole-length temporary of the codes."""
+    """``row_of_code[codes[rows]]``, chunk by chunk on a few threads: no whole-length temporary of the codes."""
     out = np.empty(rows.shape[0], dtype=row_of_code.dtype)
-    for start in range(0, rows.shape[0], _PAIR_CHUNK):
-        out[start : start + _PAIR_CHUNK] = row_of_code[codes[rows[start : start + _PAIR_CHUNK]]]
+
+    def gather(start: int, end: int) -> None:
+        np.take(row_of_code, codes[rows[start:end]], out=out[start:end])
+
+    for_each_chunk(rows.shape[0], gather)
     return out
 
 
@@ -172,36 +180,54 @@ def _fit_vocabulary(ids: pa.Array, codes: np.ndarray, num_oov_buckets: int) -> t
     return vocabulary, rows
 
 
-#: Seen pairs are decoded in chunks of this many (bounding the int64 temporaries on logs of tens of millions).
-_PAIR_CHUNK = 1 << 22
+def _counts_and_seen(train: PartRows, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(item counts [num_items] float64, indptr [num_users + 1] int64, seen item rows int32)``: the training
+    interactions per item row (weighted; the OOV row's set to 0) and each user row's distinct item rows, CSR,
+    ascending.
 
-
-def _seen_items(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indptr [num_users + 1] int64, items int32)``: each user row's distinct item rows, CSR, ascending.
-
-    Sorts of ``user * num_items + item`` keys and a neighbour comparison (numpy's hash-based unique is several
-    times slower on tens of millions of rows), one range of user rows at a time, so that the ``int64`` keys of
-    only about ``_PAIR_CHUNK`` rows are held at once.
+    One ``int64`` key ``user * num_items + item`` per training row, sorted in place (numpy's vectorised sort; its
+    hash-based unique is several times slower on tens of millions of rows) and deduplicated in place, so that the
+    pass holds 8 bytes per training row and no more: neither the rows' users nor their items are kept beside it.
     """
-    counts = np.zeros(num_users, dtype=np.int64)
-    ranges = max(1, -(-users.shape[0] // _PAIR_CHUNK))
-    bounds = np.linspace(0, num_users, ranges + 1).astype(np.int64)
-    found: list[np.ndarray] = []
-    for low, high in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        chosen = (users >= low) & (users < high) if ranges > 1 else slice(None)
-        pairs = users[chosen].astype(np.int64)
-        pairs *= num_items
-        pairs += items[chosen]
-        pairs.sort()
-        if pairs.size:
-            pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
-        counts += np.bincount(pairs // num_items, minlength=num_users)
-        found.append((pairs % num_items).astype(np.int32))
-        del pairs
-    seen = np.concatenate(found) if found else np.zeros(0, dtype=np.int32)
+    rows, log, weights = train.log_rows, train.log, train.log.weights
+    keys = np.empty(rows.shape[0], dtype=np.int64)
+    counts = np.zeros(num_items, dtype=np.float64)
+    adding = threading.Lock()
+
+    def key(start: int, end: int) -> None:
+        chosen = rows[start:end]
+        items = train.item_row_of_code[log.item_codes[chosen]]
+        partial = np.bincount(items, None if weights is None else weights[chosen], minlength=num_items)
+        with adding:
+            np.add(counts, partial, out=counts)
+        part = keys[start:end]
+        np.multiply(train.user_row_of_code[log.user_codes[chosen]], num_items, out=part, dtype=np.int64)
+        part += items
+
+    for_each_chunk(rows.shape[0], key)
+    counts[0] = 0.0
+    keys.sort()
+    # In place: each chunk's first occurrences are moved to the front (never past where the chunk is read).
+    kept = 0
+    for start, end in chunk_bounds(keys.shape[0]):
+        piece = keys[start:end]
+        first = np.empty(piece.shape[0], dtype=bool)
+        first[0] = start == 0 or piece[0] != keys[start - 1]
+        np.not_equal(piece[1:], piece[:-1], out=first[1:])
+        distinct = piece[first]
+        keys[kept : kept + distinct.shape[0]] = distinct
+        kept += distinct.shape[0]
+    pairs = keys[:kept]
+    # User row u's pairs are the keys in [u * num_items, (u + 1) * num_items): found by bisection, not division.
     indptr = np.zeros(num_users + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    return indptr, seen
+    indptr[1:] = np.searchsorted(pairs, np.arange(1, num_users + 1, dtype=np.int64) * num_items)
+    seen = np.empty(kept, dtype=np.int32)
+
+    def item_of(start: int, end: int) -> None:
+        np.remainder(pairs[start:end], num_items, out=seen[start:end], casting="unsafe")
+
+    for_each_chunk(kept, item_of)
+    return counts, indptr, seen
 
 
 def describe_cold(prepared: PreparedInteractions, part: PartRows, name: str = "test") -> dict[str, int]:
