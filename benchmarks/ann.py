@@ -92,10 +92,10 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
-    model, _, _ = train_and_evaluate(WorkloadConfig(), data_dir=args.data_dir, progress=False)
+    model = train_and_evaluate(WorkloadConfig(), data_dir=args.data_dir, progress=False, say=lambda line: None).model
     with torch.no_grad():
-        titles = model.movie_model.weight[1:].detach().clone()
-        queries = model.user_model.weight[1:].detach().clone()
+        titles = model.item_embedding.weight[1:].detach().clone()
+        queries = model.user_embedding.weight[1:].detach().clone()
     for perturbation in args.perturbation:
         corpus = build_corpus(titles, args.size, perturbation, args.noise)
         print(

@@ -31,9 +31,9 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         started = time.perf_counter()
-        _, _, results = train_and_evaluate(
-            WorkloadConfig(seed=seed, precision=args.precision), data=data, progress=False
-        )
+        results = train_and_evaluate(
+            WorkloadConfig(seed=seed, precision=args.precision), data=data, progress=False, say=lambda line: None
+        ).results
         runs.append(results["test"])
         top100 = results["test"]["factorized_top_k/top_100_categorical_accuracy"]
         print(f"seed {seed}: top-100 {top100:.4f} ({time.perf_counter() - started:.1f}s)")
@@ -51,8 +51,8 @@ def main() -> None:
     for k, published in PUBLISHED.items():
         row(f"top-{k} accuracy", f"factorized_top_k/top_{k}_categorical_accuracy", published)
     for k in (10, 50, 100):
-        row(f"Recall@{k} (seen excl.)", f"corpus/recall@{k}")
-        row(f"NDCG@{k} (seen excl.)", f"corpus/ndcg@{k}")
+        row(f"Recall@{k} (seen excl.)", f"model/recall@{k}")
+        row(f"NDCG@{k} (seen excl.)", f"model/ndcg@{k}")
 
 
 if __name__ == "__main__":

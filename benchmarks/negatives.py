@@ -107,8 +107,8 @@ def main() -> None:
     data = load_movielens("100k", data_dir=args.data_dir)
     keys = {
         "top-100 acc": "factorized_top_k/top_100_categorical_accuracy",
-        "Recall@100": "corpus/recall@100",
-        "NDCG@100": "corpus/ndcg@100",
+        "Recall@100": "model/recall@100",
+        "NDCG@100": "model/ndcg@100",
     }
     started = time.perf_counter()
     table = {variant: [run(variant, data, seed) for seed in args.seeds] for variant in VARIANTS}

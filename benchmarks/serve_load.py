@@ -111,18 +111,19 @@ def main() -> None:
     parser.add_argument("--max-batch", nargs="+", type=int, default=[1, 64], help="server settings (1 and 64)")
     parser.add_argument("--data-dir", help="folder with ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
     args = parser.parse_args()
-    model, prepared, _ = train_and_evaluate(WorkloadConfig(), data_dir=args.data_dir, progress=False)
+    trained = train_and_evaluate(WorkloadConfig(), data_dir=args.data_dir, progress=False, say=lambda line: None)
+    model, prepared = trained.model, trained.prepared
     with torch.no_grad():
-        titles = model.movie_model.weight[1:].detach().clone()
+        titles = model.item_embedding.weight[1:].detach().clone()
     corpus = build_corpus(titles, args.size, "tutorial", 0.0)
-    names = prepared.titles.values
+    names = prepared.items.values
     ids = np.array([f"{names[i % titles.shape[0]]} #{i}" for i in range(args.size)])
     users = [str(user) for user in prepared.users.values]
     rows: list[tuple[str, int, str, float]] = []
     with tempfile.TemporaryDirectory() as directory:
         for kind in args.index:
             index = INDEXES[kind]().index(corpus, ids)
-            bundle = save_bundle(Path(directory) / kind, _Tower(model.user_model), index, prepared.users)
+            bundle = save_bundle(Path(directory) / kind, _Tower(model.user_embedding), index, prepared.users)
             del index
             for max_batch in args.max_batch:
                 line, rate = _serve_and_load(bundle, max_batch, users, args.requests, args.concurrency)

@@ -6,24 +6,26 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow as pa
 
-from twotower.data.movielens import Vocabulary
-from twotower.workload import RECALL_KS, BasicRetrievalModel, PreparedData, WorkloadConfig, save_run
+from twotower.data import Interactions
+from twotower.pipeline import PipelineConfig, TrainedModel, build_model, save_run
+from twotower.pipeline.training import prepare
 
 
-def variant(seed: int) -> tuple[BasicRetrievalModel, PreparedData, dict[str, object], WorkloadConfig]:
-    """A small run whose weights and config are determined by ``seed``."""
-    torch.manual_seed(seed)
-    users = Vocabulary([f"u{i}" for i in range(50)])
-    titles = Vocabulary([f"title {i}" for i in range(80)])
-    model = BasicRetrievalModel(users, titles, embedding_dim=8)
+def variant(seed: int) -> TrainedModel:
+    """A small untrained pipeline run whose log, weights and config are determined by ``seed``."""
     rng = np.random.default_rng(seed)
-    rows = [torch.as_tensor(rng.integers(1, n, size=200)) for n in (len(users), len(titles))] * 2
-    prepared = PreparedData(users, titles, *rows)
-    test = {f"corpus/{name}@{k}": 0.1 for k in RECALL_KS for name in ("recall", "ndcg")}
-    results: dict[str, object] = {"history": [{"epoch": 1.0, "loss": 1.0}], "test": test}
-    return model, prepared, results, WorkloadConfig(seed=seed, embedding_dim=8)
+    table = pa.table(
+        {"user": [f"u{u}" for u in rng.integers(0, 50, 400)], "item": [f"title {i}" for i in rng.integers(0, 80, 400)]}
+    )
+    config = PipelineConfig(user_col="user", item_col="item", split="random", validation_fraction=0.0, embedding_dim=8,
+                            seed=seed)  # fmt: skip
+    interactions = Interactions.from_arrow(table, "user", "item")
+    prepared = prepare(config, interactions)
+    model = build_model(config, prepared)
+    test = {f"model/{name}@{k}": 0.1 for k in config.ks for name in ("recall", "ndcg")}
+    return TrainedModel(config, interactions, prepared, model, [{"epoch": 1.0, "loss": 1.0}], 1, {"test": test})
 
 
 def main() -> None:
@@ -32,9 +34,8 @@ def main() -> None:
     print("ready", flush=True)
     number = 0
     while True:
-        model, prepared, results, config = runs[number % 2]
         print(f"start {number}", flush=True)
-        save_run(directory, model, prepared, results, config)
+        save_run(directory, runs[number % 2], overwrite=True)
         print(f"done {number}", flush=True)
         number += 1
 

@@ -15,14 +15,16 @@ import torch
 
 from save_worker import variant
 from twotower._files import atomic_write, read_verified_directory, remove_stale_temporaries
-from twotower.workload import RunError, load_run, save_run
+from twotower.pipeline import save_run
+from twotower.pipeline.runs import RunDirectoryError as RunError
+from twotower.pipeline.runs import load_pipeline_run
 
 
 def _saved_seed(directory: Path) -> int:
     """The seed of the run in ``directory``, after checking that its weights are that variant's, whole."""
-    run = load_run(directory)
-    seed = int(run.metrics["config"]["seed"])
-    expected = variant(seed)[0]
+    run = load_pipeline_run(directory)
+    seed = run.config.seed
+    expected = variant(seed).model
     for name, tensor in expected.state_dict().items():
         assert torch.equal(run.model.state_dict()[name], tensor), f"seed {seed}: {name} is another run's"
     return seed
@@ -32,9 +34,9 @@ def test_killing_save_run_never_loses_the_run(tmp_path: Path) -> None:
     """SIGKILL at 20 random points of a save that replaces a run: every time, the directory holds a whole run,
     the previous one or the new one; the temporaries of killed writers are cleaned by the next save."""
     directory = tmp_path / "quickstart"
-    save_run(directory, *variant(0))
+    save_run(directory, variant(0))
     started = time.perf_counter()
-    save_run(directory, *variant(0))
+    save_run(directory, variant(0), overwrite=True)
     duration = time.perf_counter() - started
     rng = random.Random(7)
     seen_seeds: dict[int, int] = {}
@@ -59,7 +61,7 @@ def test_killing_save_run_never_loses_the_run(tmp_path: Path) -> None:
     found = dict(sorted(seen_seeds.items()))
     print(f"20 SIGKILLs during save_run, 20 loads of a whole run; runs found, by seed: {found}")
     assert set(seen_seeds) - {0}, seen_seeds  # some kills came after the child's first save had replaced the run
-    save_run(directory, *variant(3))
+    save_run(directory, variant(3), overwrite=True)
     assert _saved_seed(directory) == 3
     leftovers = [entry.name for entry in tmp_path.iterdir() if entry.name != "quickstart"]
     assert leftovers == []
@@ -71,7 +73,7 @@ def test_save_run_refuses_to_replace_a_folder_that_is_not_a_run(tmp_path: Path) 
     directory.mkdir()
     (directory / "notes.txt").write_text("precious")
     with pytest.raises(ValueError, match="not a twotower run"):
-        save_run(directory, *variant(0))
+        save_run(directory, variant(0), overwrite=True)
     assert (directory / "notes.txt").read_text() == "precious"
 
 

@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from twotower.cli import main
+from twotower.serving import Bundle, load_bundle
 from twotower.vocabulary import Vocabulary
-from twotower.workload import (
-    PUBLISHED,
-    BasicRetrievalModel,
-    Batches,
-    WorkloadConfig,
-    keras_adagrad,
-    load_run,
-    recommend,
-)
+from twotower.workload import PUBLISHED, BasicRetrievalModel, Batches, WorkloadConfig, keras_adagrad
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (SHARED / "ml-100k").is_dir(), reason=f"no local MovieLens copy at {SHARED}")
@@ -34,8 +27,16 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def _bundle(run_dir: Path) -> Bundle:
+    return load_bundle(run_dir / "bundle")
+
+
 def test_quickstart_reproduces_the_tutorial(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The quickstart is a pipeline run with the tutorial's settings (its config.toml says so)."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = (run_dir / "config.toml").read_text()
+    for setting in ('interactions = "movielens:100k"', 'split = "random"', "logq = false", "embedding_dim = 32"):
+        assert setting in config
     test, untrained = metrics["test"], metrics["untrained"]
     top100 = "factorized_top_k/top_100_categorical_accuracy"
     # Untrained towers rank at random: about 100 / 1664 = 0.06. The tutorial reaches 0.2334.
@@ -45,20 +46,21 @@ def test_quickstart_reproduces_the_tutorial(run_dir: Path, capsys: pytest.Captur
     assert [round(row["epoch"]) for row in metrics["history"]] == [1, 2, 3]
     assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
     for k in (10, 50, 100):
-        assert 0 < test[f"corpus/recall@{k}"] <= 1
-    assert test["corpus/recall@100"] > test["corpus/recall@10"]
+        assert 0 < test[f"model/recall@{k}"] <= 1
+        assert 0 < test[f"popularity/recall@{k}"] <= 1
+    assert test["model/recall@100"] > test["model/recall@10"]
     assert (run_dir / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_recommend_excludes_seen_titles(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = load_run(run_dir)
-    seen = set(run.seen["42"])
-    answer = recommend(run, "42", k=20)
+    bundle = _bundle(run_dir)
+    seen = set(bundle.seen["42"])
+    answer = bundle.recommend("42", k=20)
     assert len(answer) == 20
     assert not seen & {title for title, _ in answer}
     scores = [score for _, score in answer]
     assert scores == sorted(scores, reverse=True)
-    with_seen = recommend(run, "42", k=20, exclude_seen=False)
+    with_seen = bundle.recommend("42", k=20, exclude_seen=False)
     assert seen & {title for title, _ in with_seen}
     assert main(["recommend", "--run", str(run_dir), "--user", "42", "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip("\n").splitlines()
@@ -71,7 +73,7 @@ def test_unknown_user_gets_the_training_popularity_ranking(run_dir: Path, capsys
     import json
     from collections import Counter
 
-    seen = json.loads((run_dir / "seen.json").read_text())
+    seen = json.loads((run_dir / "bundle" / "seen.json").read_text())
     counts = Counter(title for titles in seen.values() for title in titles)
     assert main(["recommend", "--run", str(run_dir), "--user", "99999", "-k", "5"]) == 0
     lines = capsys.readouterr().out.strip("\n").splitlines()
@@ -161,7 +163,7 @@ def test_torchrun_two_processes_match_one(run_dir: Path, tmp_path: Path) -> None
     one = json.loads((run_dir / "metrics.json").read_text())["test"]
     # The same computation up to the order of float sums: far inside the seed spread (std 0.002 at top-100).
     for name in ("factorized_top_k/top_10_categorical_accuracy", "factorized_top_k/top_100_categorical_accuracy",
-                 "corpus/recall@100", "corpus/ndcg@100"):  # fmt: skip
+                 "model/recall@100", "model/ndcg@100"):  # fmt: skip
         assert two[name] == pytest.approx(one[name], abs=2e-3), name
 
 
@@ -174,8 +176,8 @@ def test_the_run_serves_its_bundle_over_http(run_dir: Path) -> None:
     assert client.get("/healthz").json()["candidates"] == 1664
     response = client.post("/recommend", json={"user_id": "42", "k": 10})
     assert response.status_code == 200
-    expected = recommend(load_run(run_dir), "42", k=10)
-    assert [(item["id"], item["score"]) for item in response.json()["items"]] == expected
+    expected = _bundle(run_dir).recommend("42", k=10)
+    assert [(item["id"], item["score"]) for item in response.json()["items"]] == list(expected)
 
 
 def test_keras_adagrad_steps_as_keras() -> None:
@@ -218,3 +220,20 @@ def test_keras_adagrad_refuses_bad_arguments() -> None:
         keras_adagrad([torch.nn.Parameter(torch.zeros(2))], learning_rate=-0.1)
     with pytest.raises(ValueError, match="empty parameter list"):
         keras_adagrad([], learning_rate=0.1)
+
+
+def test_the_quickstart_run_re_evaluates_as_any_pipeline_run(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`twotower evaluate` reads MovieLens again, splits it as the run did and finds the saved numbers."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    saved = json.loads((copy / "metrics.json").read_text())["test"]
+    monkeypatch.setenv("TWOTOWER_DATA_DIR", str(SHARED))
+    assert main(["evaluate", "--run", str(copy)]) == 0
+    again = json.loads((copy / "metrics.json").read_text())
+    for name in ("model/recall@100", "popularity/recall@100", "factorized_top_k/top_100_categorical_accuracy"):
+        assert again["test"][name] == pytest.approx(saved[name], abs=1e-6), name
+    assert again["untrained"] == json.loads((run_dir / "metrics.json").read_text())["untrained"]

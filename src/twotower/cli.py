@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -27,18 +26,10 @@ from twotower.data.movielens import DataError, load_movielens
 from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
 from twotower.indexes import BruteForce
 from twotower.metrics import BatchTopKAccuracy, FactorizedTopK, LossMean
+from twotower.pipeline.runs import RunDirectoryError as RunError
 from twotower.serving import BundleError, UnknownQueries
 from twotower.tasks import Retrieval
-from twotower.workload import (
-    PUBLISHED,
-    RunError,
-    WorkloadConfig,
-    keras_adagrad,
-    load_run,
-    recommend,
-    save_run,
-    train_and_evaluate,
-)
+from twotower.workload import PUBLISHED, WorkloadConfig, keras_adagrad, train_and_evaluate
 
 
 class EmbeddingTwoTower(nn.Module):
@@ -375,7 +366,11 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 
 def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the reference workload as ``twotower quickstart`` does; returns its results."""
+    """Run the reference workload as ``twotower quickstart`` does: the pipeline with the TFRS tutorial's settings
+    (:meth:`~twotower.workload.WorkloadConfig.pipeline_config`), saved as a pipeline run; returns its results."""
+    from twotower.pipeline.runs import save_run
+    from twotower.serving import load_bundle
+
     for name, value in _WORKLOAD_DEFAULTS.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -397,30 +392,23 @@ def run_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         f"({config.embedding_dim}-d), batch {config.batch_size}, {config.epochs} epochs"
     )
     started = time.perf_counter()
-    model, prepared, results = train_and_evaluate(config, data=data, progress=not args.no_progress)
+    trained = train_and_evaluate(config, data=data, data_dir=args.data_dir, progress=not args.no_progress, say=say)
     if distributed.is_distributed():
         say(f"trained on {distributed.world_size()} processes, negatives shared across them")
-    for row in results["history"]:
-        say(f"epoch {int(row['epoch'])}: mean batch loss {row['loss']:,.1f}")
+    results = trained.results
     if not lead:
         return results
-    run_dir = save_run(args.run_dir, model, prepared, results, config)
-    test = results["test"]
+    test, untrained = results["test"], results["untrained"]
     print(f"\n{'test top-K accuracy (TFRS metric)':<36}{'untrained':>10}{'trained':>10}{'TFRS tutorial':>15}")
     for k, published in PUBLISHED.items():
         name = f"factorized_top_k/top_{k}_categorical_accuracy"
-        print(f"{'top-' + str(k):<36}{results['untrained'][name]:>10.4f}{test[name]:>10.4f}{published:>15.4f}")
-    print(f"\n{'per test user, seen items excluded':<36}{'Recall':>10}{'NDCG':>10}{'hit rate':>15}")
-    for k in (10, 50, 100):
-        print(
-            f"{'@' + str(k):<36}{test[f'corpus/recall@{k}']:>10.4f}{test[f'corpus/ndcg@{k}']:>10.4f}"
-            f"{test[f'corpus/hit_rate@{k}']:>15.4f}"
-        )
-    print(f"{'MRR@100':<36}{test['corpus/mrr']:>10.4f}")
+        print(f"{'top-' + str(k):<36}{untrained[name]:>10.4f}{test[name]:>10.4f}{published:>15.4f}")
+    _print_table(test, (10, 50, 100))
+    run_dir = save_run(args.run_dir, trained, overwrite=True)
     print(f"\nsaved the run to {run_dir} ({time.perf_counter() - started:.1f}s)")
-    loaded = load_run(run_dir)
-    for user in prepared.users.values[: max(getattr(args, "examples", 0), 0)]:
-        titles = ", ".join(title for title, _ in recommend(loaded, str(user), k=5))
+    bundle = load_bundle(run_dir / "bundle")
+    for user in trained.prepared.users.known_values()[: max(getattr(args, "examples", 0), 0)]:
+        titles = ", ".join(title for title, _ in bundle.recommend(user, k=5))
         print(f"user {user}: {titles}")
     return results
 
@@ -467,16 +455,9 @@ def _load_served_bundle(path: str, unknown_users: str) -> Any:
     # A run: its own manifest is checked first, so a damaged run is refused as `evaluate` would refuse it, even
     # where the damage is outside the bundle it serves from.
     from twotower._files import read_verified_directory
-    from twotower.pipeline.runs import RUN_FORMAT as PIPELINE_RUN_FORMAT
-    from twotower.workload import RUN_FORMAT as WORKLOAD_RUN_FORMAT
+    from twotower.pipeline.runs import RUN_FORMAT
 
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-        run_format = manifest.get("format") if isinstance(manifest, dict) else None
-    except (OSError, ValueError):
-        run_format = None  # read_verified_directory names what is wrong
-    expected = PIPELINE_RUN_FORMAT if run_format == PIPELINE_RUN_FORMAT else WORKLOAD_RUN_FORMAT
-    read_verified_directory(directory, expected, RunError, "run", exclusive=False)
+    read_verified_directory(directory, RUN_FORMAT, RunError, "run", exclusive=False)
     return load_bundle(directory / "bundle", unknown_queries=policy)
 
 

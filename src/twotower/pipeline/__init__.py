@@ -12,7 +12,15 @@ from twotower.pipeline.evaluation import evaluate_part
 from twotower.pipeline.model import IdRetrievalModel
 from twotower.pipeline.prepared import PreparedInteractions, prepare_interactions
 from twotower.pipeline.runs import LoadedPipelineRun, RunDirectoryError, evaluate_run, load_pipeline_run, save_run
-from twotower.pipeline.training import TrainedModel, build_model, fit, load_interactions, prepare, train
+from twotower.pipeline.training import (
+    TrainedModel,
+    build_model,
+    fit,
+    load_interactions,
+    movielens_interactions,
+    prepare,
+    train,
+)
 
 __all__ = [
     "ConfigError",
@@ -30,6 +38,7 @@ __all__ = [
     "load_interactions",
     "load_pipeline_run",
     "make_config",
+    "movielens_interactions",
     "prepare",
     "prepare_interactions",
     "save_run",

@@ -7,7 +7,8 @@ model learned anything beyond popularity. TFRS's top-K categorical accuracy (one
 left out) is reported too, for comparison with TFRS's tutorials.
 
 Cold users (not in the user vocabulary) are answered by popularity, as serving answers them, and reported apart.
-A relevant item outside the item vocabulary counts as relevant and is never retrieved (a miss).
+A relevant item outside the item vocabulary counts as relevant and is never retrieved (a miss). Under
+``torch.distributed`` each rank ranks its share of the users and interactions; the metrics sum the ranks' states.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from twotower import distributed
 from twotower.indexes import BruteForce
 from twotower.metrics import CorpusRanking, FactorizedTopK
 from twotower.pipeline.model import IdRetrievalModel
@@ -39,9 +41,9 @@ def _grouped(keys: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     return distinct, np.split(order, starts[1:])
 
 
-def _relevant_ids(part: PartRows, positions: np.ndarray) -> np.ndarray:
+def _relevant_ids(part: PartRows, item_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Item rows of ``positions``; an item outside the vocabulary gets a negative id no index row has."""
-    rows = part.items.numpy()[positions]
+    rows = item_rows[positions]
     relevant: np.ndarray = np.where(rows > 0, rows, -1 - part.item_codes[positions].astype(np.int64))
     return relevant
 
@@ -68,18 +70,20 @@ def evaluate_part(
     ks = tuple(sorted(set(ks)))
     results: dict[str, Any] = {f"split/{key}": value for key, value in describe_cold(prepared, part, "eval").items()}
     buckets = prepared.users.num_oov_buckets
-    users = part.users.numpy()
+    users, item_rows = part.users.numpy(), part.items.numpy()  # gathered once: PartRows gathers on every access
     warm = np.flatnonzero(users >= buckets)
     popular = popularity_index(prepared)
     model.eval()
     if warm.size:
         user_rows, groups = _grouped(users[warm])
-        groups = [warm[group] for group in groups]
+        results["model/users"] = int(user_rows.shape[0])
+        share = distributed.shard_rows(user_rows.shape[0])
+        user_rows, groups = user_rows[share], [warm[group] for group in groups[share]]
         ranking = CorpusRanking(model.item_index(), ks=ks, name="model")
         baseline_ranking = CorpusRanking(popular, ks=ks, name="popularity") if baseline else None
         for start in range(0, user_rows.shape[0], batch_size):
             rows = user_rows[start : start + batch_size]
-            relevant = [_relevant_ids(part, group) for group in groups[start : start + batch_size]]
+            relevant = [_relevant_ids(part, item_rows, group) for group in groups[start : start + batch_size]]
             seen = prepared.seen_of(rows)
             with torch.no_grad():
                 queries = model.user_embedding(torch.from_numpy(rows))
@@ -89,27 +93,31 @@ def evaluate_part(
         results.update(ranking.results())
         if baseline_ranking is not None:
             results.update(baseline_ranking.results())
-        results["model/users"] = int(user_rows.shape[0])
     cold = np.flatnonzero(users < buckets)
     if cold.size:
         codes, groups = _grouped(part.user_codes[cold])
-        cold_ranking = CorpusRanking(popular, ks=ks, name="cold_users")
-        for start in range(0, codes.shape[0], batch_size):
-            chunk = groups[start : start + batch_size]
-            cold_ranking.update(torch.ones(len(chunk), 1), [_relevant_ids(part, cold[group]) for group in chunk])
-        results.update({f"{name}": value for name, value in cold_ranking.results().items()})
         results["cold_users/users"] = int(codes.shape[0])
+        groups = groups[distributed.shard_rows(len(groups))]
+        cold_ranking = CorpusRanking(popular, ks=ks, name="cold_users")
+        for start in range(0, len(groups), batch_size):
+            chunk = groups[start : start + batch_size]
+            cold_ranking.update(
+                torch.ones(len(chunk), 1), [_relevant_ids(part, item_rows, cold[group]) for group in chunk]
+            )
+        results.update(cold_ranking.results())
     if top_k_accuracy:
-        rows = np.flatnonzero((users >= buckets) & (part.items.numpy() > 0))
-        if rows.size:
+        rows = np.flatnonzero((users >= buckets) & (item_rows > 0))
+        if rows.size:  # every rank holds the whole part: all of them agree on whether to sync
+            rows = rows[distributed.shard_rows(rows.shape[0])]
             accuracy = FactorizedTopK(model.item_index(), ks=TOP_K_ACCURACY_KS)
             for start in range(0, rows.shape[0], batch_size):
-                chosen = torch.from_numpy(rows[start : start + batch_size])
+                chosen_users = torch.from_numpy(users[rows[start : start + batch_size]])
+                chosen_items = torch.from_numpy(item_rows[rows[start : start + batch_size]])
                 with torch.no_grad():
                     accuracy.update(
-                        model.user_embedding(part.users[chosen]),
-                        model.item_embedding(part.items[chosen]),
-                        true_candidate_ids=part.items[chosen],
+                        model.user_embedding(chosen_users),
+                        model.item_embedding(chosen_items),
+                        true_candidate_ids=chosen_items,
                     )
             results.update(accuracy.results())
     return results

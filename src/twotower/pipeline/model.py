@@ -96,7 +96,7 @@ class IdRetrievalModel(Model):
             sample_weight=weights,
             candidate_sampling_probability=probability,
             candidate_ids=candidate_rows if self.task.remove_accidental_hits else None,
-            compute_metrics=False,
+            compute_metrics=not training,  # a task given factorized metrics updates them in evaluate()
         )
         return loss
 

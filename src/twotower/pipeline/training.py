@@ -10,8 +10,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from twotower import distributed
 from twotower.data.batches import Batches
 from twotower.data.interactions import Interactions, InteractionsError
+from twotower.data.movielens import MovieLens
 from twotower.data.splits import split_interactions
 from twotower.optim import keras_adagrad
 from twotower.pipeline.config import PipelineConfig
@@ -20,9 +22,8 @@ from twotower.pipeline.model import IdRetrievalModel
 from twotower.pipeline.prepared import PreparedInteractions, prepare_interactions
 
 
-def load_interactions(config: PipelineConfig) -> Interactions:
-    """Read the log ``config`` names: a file or directory, or a MovieLens release (``movielens:100k``)."""
-    options: dict[str, Any] = {
+def _reading_options(config: PipelineConfig) -> dict[str, Any]:
+    return {
         "time_col": config.time_col or None,
         "weight_col": config.weight_col or None,
         "item_id_col": config.item_id_col or None,
@@ -30,28 +31,38 @@ def load_interactions(config: PipelineConfig) -> Interactions:
         "duplicates": config.duplicates,
         "unknown_items": config.unknown_items,
     }
+
+
+def movielens_interactions(data: MovieLens, config: PipelineConfig) -> Interactions:
+    """A MovieLens release as an interaction log: its ratings (columns ``user_id``, ``movie_id``, ``movie_title``,
+    ``rating``, ``timestamp``), with every movie of the release (``movie_id``, ``movie_title``) as the catalogue."""
+    table = pa.table(
+        {
+            "user_id": data.user_ids,
+            "movie_id": data.movie_ids,
+            "movie_title": data.movie_titles,
+            "rating": data.ratings,
+            "timestamp": data.timestamps,
+        }
+    )
+    catalogue = pa.table({"movie_id": data.all_movie_ids, "movie_title": data.all_movie_titles})
+    return Interactions.from_arrow(
+        table, config.user_col, config.item_col, items=catalogue, source=f"MovieLens {data.name}",
+        **_reading_options(config),
+    )  # fmt: skip
+
+
+def load_interactions(config: PipelineConfig) -> Interactions:
+    """Read the log ``config`` names: a file or directory, or a MovieLens release (``movielens:100k``)."""
     release = config.movielens_release
     if release is not None:
         from twotower.data.movielens import load_movielens
 
-        data = load_movielens(release, data_dir=config.data_dir or None)
-        table = pa.table(
-            {
-                "user_id": data.user_ids,
-                "movie_id": data.movie_ids,
-                "movie_title": data.movie_titles,
-                "rating": data.ratings,
-                "timestamp": data.timestamps,
-            }
-        )
-        catalogue = pa.table({"movie_id": data.all_movie_ids, "movie_title": data.all_movie_titles})
-        return Interactions.from_arrow(
-            table, config.user_col, config.item_col, items=catalogue, source=f"MovieLens {release}", **options
-        )
+        return movielens_interactions(load_movielens(release, data_dir=config.data_dir or None), config)
     if not config.interactions:
         raise ValueError("no interactions given: pass --interactions FILE (or interactions = ... in the config)")
     return Interactions.from_file(
-        config.interactions, config.user_col, config.item_col, items=config.items or None, **options
+        config.interactions, config.user_col, config.item_col, items=config.items or None, **_reading_options(config)
     )
 
 
@@ -133,7 +144,11 @@ def fit(
     """
     train = prepared.train
     tensors = [train.users, train.items] + ([train.weights] if train.weights is not None else [])
-    batches = Batches(*tensors, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    # Under torch.distributed (torchrun) each rank takes its slice of every global batch; the gradients are summed
+    # and the task scores every rank's queries against every rank's candidates, so training is the single-process
+    # computation on the same global batches.
+    batches = Batches(*tensors, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                      shard=distributed.is_distributed())  # fmt: skip
     optimizer = keras_adagrad(model.parameters(), config.learning_rate)
     early = config.patience > 0 and len(prepared.validation) > 0
     metric = f"model/recall@{config.early_stopping_k}"
@@ -167,10 +182,22 @@ def fit(
     return history, len(history)
 
 
-def train(config: PipelineConfig, progress: bool = True, say: Callable[[str], None] = print) -> TrainedModel:
+def train(
+    config: PipelineConfig,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+    interactions: Interactions | None = None,
+    evaluate_untrained: bool = False,
+) -> TrainedModel:
     """Read, split, train and evaluate on the test split, as ``twotower train`` does (nothing is saved: see
-    :func:`~twotower.pipeline.runs.save_run`)."""
-    interactions = load_interactions(config)
+    :func:`~twotower.pipeline.runs.save_run`).
+
+    Args:
+        interactions: the log, already read (default: read what ``config`` names).
+        evaluate_untrained: also evaluate the model before training (``results["untrained"]``: what chance
+            gives, the floor any trained number is read against).
+    """
+    interactions = interactions if interactions is not None else load_interactions(config)
     for line in interactions.report.lines():
         say(line)
     prepared = prepare(config, interactions)
@@ -181,8 +208,12 @@ def train(config: PipelineConfig, progress: bool = True, say: Callable[[str], No
         "vocabularies"
     )
     model = build_model(config, prepared)
+    results: dict[str, Any] = {}
+    if evaluate_untrained:
+        results["untrained"] = evaluate_part(model, prepared, prepared.test, ks=config.ks, baseline=False,
+                                             batch_size=config.eval_batch_size)  # fmt: skip
     history, best_epoch = fit(config, prepared, model, progress=progress, say=say)
-    test = evaluate_part(model, prepared, prepared.test, ks=config.ks, batch_size=config.eval_batch_size)
+    results["test"] = evaluate_part(model, prepared, prepared.test, ks=config.ks, batch_size=config.eval_batch_size)
     return TrainedModel(
         config=config,
         interactions=interactions,
@@ -190,5 +221,5 @@ def train(config: PipelineConfig, progress: bool = True, say: Callable[[str], No
         model=model,
         history=history,
         best_epoch=best_epoch,
-        results={"test": test},
+        results=results,
     )
