@@ -328,3 +328,25 @@ def test_load_interactions_error_is_an_interactions_error(tmp_path: Path) -> Non
     with pytest.raises(InteractionsError, match="no such file or directory"):
         train(PipelineConfig(interactions=str(tmp_path / "absent.csv"), user_col="u", item_col="i"), progress=False,
               say=lambda _: None)  # fmt: skip
+
+
+def test_train_flags_are_the_config_settings_with_their_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each own-data flag is named after a PipelineConfig setting, sets it, and its help shows its default."""
+    import dataclasses
+
+    from twotower.cli import _PIPELINE_FLAGS, build_parser
+    from twotower.pipeline import PipelineConfig
+
+    names = {field.name for field in dataclasses.fields(PipelineConfig)}
+    assert {setting for setting, _, _ in _PIPELINE_FLAGS} <= names
+    args = build_parser().parse_args(["train", "--duplicates", "drop", "--logq", "off", "--last-n", "4"])
+    assert (args.duplicates, args.logq, args.last_n, args.split) == ("drop", False, 4, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = PipelineConfig()
+    assert f"per user (default {defaults.last_n})" in text
+    assert f"negatives per batch with --negatives mixed (default {defaults.num_negatives})" in text
+    assert "correction: on or off (default on)" in text
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--split", "stratified"])

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,28 @@ def replace_directory(building: Path, target: Path) -> None:
     os.rename(target, aside)
     os.rename(building, target)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_manifest_directory(target: Path, format_name: str, fill: Callable[[Path], None]) -> Path:
+    """Write a verified directory at ``target`` in one step: ``fill(building)`` writes its files into a new folder
+    beside it, then ``manifest.json`` (``format`` and the SHA-256 of every top-level file; sub-folders carry
+    manifests of their own) is written last and the folder swapped into place (:func:`replace_directory`). On any
+    failure, a kill included, ``target`` keeps what it held and the partial folder is removed (by the next writer,
+    after a kill)."""
+    building = new_directory_beside(target)
+    try:
+        fill(building)
+        files = {
+            path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(building.iterdir())
+            if path.is_file() and path.name != "manifest.json"
+        }
+        atomic_write(building / "manifest.json", json.dumps({"format": format_name, "files": files}, indent=2).encode())
+        replace_directory(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return target
 
 
 def recover_directory(target: Path) -> None:

@@ -120,73 +120,55 @@ def _fraction(text: str) -> float:
     return value
 
 
-#: ``twotower train``'s own-data flags: (flag, setting, type or choices, help).
-_PIPELINE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+#: ``twotower train``'s own-data flags: (setting, type, help). The flag is the setting's name (``--user-col`` sets
+#: ``user_col``); a setting of :data:`~twotower.pipeline.config.CHOICES` takes one of its words; the help ends with
+#: the :class:`~twotower.pipeline.PipelineConfig` default.
+_PIPELINE_FLAGS: tuple[tuple[str, Any, str], ...] = (
+    ("interactions", str, "the log: a CSV or Parquet file, a directory of Parquet parts, or movielens:100k"),
+    ("user_col", str, "the user id column"),
+    ("item_col", str, "the item id column"),
     (
-        "--interactions",
-        "interactions",
-        str,
-        "the log: a CSV or Parquet file, a directory of Parquet parts, or movielens:100k",
-    ),
-    ("--user-col", "user_col", str, "the user id column (default user_id)"),
-    ("--item-col", "item_col", str, "the item id column (default item_id)"),
-    (
-        "--time-col",
         "time_col",
         str,
-        "the event time column: integer seconds or milliseconds (detected and stated), "
-        "timestamps, dates or ISO-8601 text",
+        "the event time column: integer seconds or milliseconds (detected and stated), timestamps, "
+        "dates or ISO-8601 text",
     ),
-    ("--weight-col", "weight_col", str, "a column of non-negative weights for the loss"),
-    ("--items", "items", str, "the item catalogue (CSV or Parquet): every item a candidate"),
-    ("--item-id-col", "item_id_col", str, "the catalogue's id column (default: --item-col)"),
-    ("--item-title-col", "item_title_col", str, "the catalogue's display-title column"),
-    (
-        "--duplicates",
-        "duplicates",
-        ("keep", "drop"),
-        "rows repeating an earlier (user, item, time): keep (default) or drop",
-    ),
-    (
-        "--unknown-items",
-        "unknown_items",
-        ("keep", "drop"),
-        "interactions with items missing from the catalogue: drop (default) or keep",
-    ),
-    (
-        "--split",
-        "split",
-        ("time", "random", "last-n"),
-        "time: a global time cut (default); last-n: each user's latest --last-n; random: seeded",
-    ),
-    ("--test-fraction", "test_fraction", _fraction, "share of rows for test with time and random (default 0.1)"),
-    (
-        "--validation-fraction",
-        "validation_fraction",
-        _fraction,
-        "share of training rows for validation (early stopping; default 0.1, 0: none)",
-    ),
-    ("--test-from", "test_from", str, "with --split time: the first test moment, e.g. 2018-01-01"),
-    ("--last-n", "last_n", _positive_int, "with --split last-n: test interactions per user (default 1)"),
-    (
-        "--user-vocabulary",
-        "user_vocabulary",
-        ("train", "all"),
-        "users with an embedding: those of the training rows (default) or all",
-    ),
-    ("--user-oov-buckets", "user_oov_buckets", _positive_int, "rows shared by unknown users, by hash (default 1)"),
-    (
-        "--negatives",
-        "negatives",
-        ("in-batch", "mixed"),
-        "in-batch (default) or mixed: plus --num-negatives sampled items per batch",
-    ),
-    ("--num-negatives", "num_negatives", _positive_int, "sampled negatives per batch with --negatives mixed (1024)"),
-    ("--logq", "logq", _on_off, "the logQ (sampling-bias) correction: on (default) or off"),
-    ("--patience", "patience", int, "early stopping: epochs without a better validation Recall@K (default 3; 0: off)"),
-    ("--early-stopping-k", "early_stopping_k", _positive_int, "the K of early stopping's Recall@K (default 100)"),
-    ("--out", "out", str, "the run directory to write"),
+    ("weight_col", str, "a column of non-negative weights for the loss"),
+    ("items", str, "the item catalogue (CSV or Parquet): every item a candidate"),
+    ("item_id_col", str, "the catalogue's id column (default: --item-col)"),
+    ("item_title_col", str, "the catalogue's display-title column"),
+    ("duplicates", str, "rows repeating an earlier (user, item, time)"),
+    ("unknown_items", str, "interactions with items missing from the catalogue"),
+    ("split", str, "time: a global time cut; last-n: each user's latest --last-n; random: seeded"),
+    ("test_fraction", _fraction, "share of rows for test with time and random"),
+    ("validation_fraction", _fraction, "share of training rows for validation (early stopping; 0: none)"),
+    ("test_from", str, "with --split time: the first test moment, e.g. 2018-01-01"),
+    ("last_n", _positive_int, "with --split last-n: test interactions per user"),
+    ("user_vocabulary", str, "users with an embedding: those of the training rows or all"),
+    ("user_oov_buckets", _positive_int, "rows shared by unknown users, by hash"),
+    ("negatives", str, "in-batch or mixed: plus --num-negatives sampled items per batch"),
+    ("num_negatives", _positive_int, "sampled negatives per batch with --negatives mixed"),
+    ("logq", _on_off, "the logQ (sampling-bias) correction: on or off"),
+    ("patience", int, "early stopping: epochs without a better validation Recall@K (0: off)"),
+    ("early_stopping_k", _positive_int, "the K of early stopping's Recall@K"),
+    ("out", str, "the run directory to write"),
 )
+
+
+def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
+    """:data:`_PIPELINE_FLAGS` on ``parser``, each defaulting to None (the config file's value, else the default)."""
+    from twotower.pipeline.config import CHOICES, PipelineConfig
+
+    defaults = PipelineConfig()
+    for setting, kind, text in _PIPELINE_FLAGS:
+        default = getattr(defaults, setting)
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        help_text = f"{text} (default {shown})" if shown != "" and "default" not in text else text
+        flag = "--" + setting.replace("_", "-")
+        if setting in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[setting], default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
 def _add_unknown_users_flag(parser: argparse.ArgumentParser) -> None:
@@ -227,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload_flags(train, pipeline=True)
     train.add_argument("--config", help="a TOML file of settings (see examples/; flags given override it)")
     train.add_argument("--overwrite", action="store_true", help="replace the run already in --out (atomically)")
-    for flag, _, kind, text in _PIPELINE_FLAGS:
-        if isinstance(kind, tuple):
-            train.add_argument(flag, choices=kind, default=None, help=text)
-        else:
-            train.add_argument(flag, type=kind, default=None, help=text)
+    _add_pipeline_flags(train)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -517,7 +495,7 @@ def run_train_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from twotower.pipeline.runs import check_output_directory, config_from_flags, save_run
     from twotower.pipeline.training import train
 
-    flags = {setting: getattr(args, setting) for _, setting, _, _ in _PIPELINE_FLAGS}
+    flags = {setting: getattr(args, setting) for setting, _, _ in _PIPELINE_FLAGS}
     for name in ("seed", "epochs", "batch_size", "embedding_dim", "learning_rate", "precision"):
         flags[name] = getattr(args, name)
     if args.data_dir is not None:

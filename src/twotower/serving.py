@@ -16,12 +16,10 @@ nearly the same for 16 queries as for one, and no request waits for a batch to f
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import math
 import os
 import queue
-import shutil
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from twotower._checks import ends_in_nul
-from twotower._files import atomic_write, new_directory_beside, parse_json, read_verified_directory, replace_directory
+from twotower._files import parse_json, read_verified_directory, write_manifest_directory
 from twotower.indexes import BruteForce, Faiss, TopK
 from twotower.towers import TowerFormatError, build_tower, describe_tower, tower_tensors
 from twotower.vocabulary import Vocabulary
@@ -118,30 +116,23 @@ def save_bundle(
     description = describe_tower(query_tower)
     target = Path(directory)
     _refuse_foreign_directory(target, "bundle")
-    building = new_directory_beside(target)
-    try:
-        files = {
-            "tower.safetensors": save_tensors(tower_tensors(query_tower)),
-            "vocabulary.json": _json(query_vocabulary.to_json()),
-            "seen.json": _json({str(key): [str(item) for item in items] for key, items in (seen or {}).items()}),
-            "items.json": _json({str(k): str(v) for k, v in (item_titles or {}).items()}),
-            "popularity.json": _json(_popularity_pairs(popularity)),
-            "metadata.json": _json(
-                {"index_kind": type(index).__name__, "tower": description, "metadata": metadata or {}}, indent=2
-            ),
-        }
+    files = {
+        "tower.safetensors": save_tensors(tower_tensors(query_tower)),
+        "vocabulary.json": _json(query_vocabulary.to_json()),
+        "seen.json": _json({str(key): [str(item) for item in items] for key, items in (seen or {}).items()}),
+        "items.json": _json({str(k): str(v) for k, v in (item_titles or {}).items()}),
+        "popularity.json": _json(_popularity_pairs(popularity)),
+        "metadata.json": _json(
+            {"index_kind": type(index).__name__, "tower": description, "metadata": metadata or {}}, indent=2
+        ),
+    }
+
+    def fill(building: Path) -> None:
         for name, payload in files.items():
             (building / name).write_bytes(payload)
         index.save(building / "index.safetensors")
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(building.iterdir())},
-        }
-        atomic_write(building / "manifest.json", json.dumps(manifest, indent=2).encode())
-        replace_directory(building, target)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+
+    write_manifest_directory(target, BUNDLE_FORMAT, fill)
     return target
 
 

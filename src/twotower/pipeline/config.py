@@ -55,6 +55,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluation": ("ks", "eval_batch_size"),
     "run": ("out",),
 }
+#: The settings that take one of a few words, and those words (the first is the default).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "duplicates": ("keep", "drop"),
+    "unknown_items": ("drop", "keep"),
+    "split": SPLIT_METHODS,
+    "user_vocabulary": ("train", "all"),
+    "negatives": ("in-batch", "mixed"),
+    "precision": ("float32", "bf16"),
+}
 #: Settings that name files: resolved against the config file's folder, saved absolute.
 _PATHS = ("interactions", "items", "data_dir", "out")
 
@@ -126,15 +135,7 @@ class PipelineConfig:
                 not isinstance(value, expected) or (expected is not bool and isinstance(value, bool))
             ):
                 raise ConfigError(f"{item.name} must be a {item.type}, got {value!r}")
-        choices = {
-            "duplicates": ("keep", "drop"),
-            "unknown_items": ("keep", "drop"),
-            "split": SPLIT_METHODS,
-            "user_vocabulary": ("train", "all"),
-            "negatives": ("in-batch", "mixed"),
-            "precision": ("float32", "bf16"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         counts = ("last_n", "user_oov_buckets", "embedding_dim", "epochs", "batch_size", "num_negatives")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower._files import atomic_write, new_directory_beside, parse_json, read_verified_directory, replace_directory
+from twotower._files import parse_json, read_verified_directory, write_manifest_directory
 from twotower.indexes import BruteForce
 from twotower.pipeline.config import ConfigError, PipelineConfig, load_config, make_config, resolved
 from twotower.pipeline.evaluation import evaluate_part
@@ -165,9 +165,8 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
         "data.json": json.dumps(data_fingerprint(config), indent=2).encode(),
         "plot.png": _plot(trained.history, trained.results.get("test", {}), config.ks, trained.best_epoch),
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = new_directory_beside(target)
-    try:
+
+    def fill(building: Path) -> None:
         for name, payload in files.items():
             (building / name).write_bytes(payload)
         save_bundle(
@@ -180,15 +179,8 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
             item_titles=trained.prepared.item_titles,
             popularity=trained.prepared.popularity(),
         )
-        manifest = {
-            "format": RUN_FORMAT,
-            "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
-        }
-        atomic_write(building / "manifest.json", json.dumps(manifest, indent=2).encode())
-        replace_directory(building, target)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+
+    write_manifest_directory(target, RUN_FORMAT, fill)
     return target
 
 
@@ -272,19 +264,14 @@ def evaluate_run(directory: str | os.PathLike[str], say: Any = print) -> dict[st
 
 def _rewrite(directory: Path, changed: dict[str, bytes]) -> None:
     """Replace some files of a run and its manifest, atomically (a copy is changed, then swapped in)."""
-    building = new_directory_beside(directory)
-    try:
+
+    def fill(building: Path) -> None:
         shutil.rmtree(building)
         shutil.copytree(directory, building, symlinks=True)
-        manifest = json.loads((building / "manifest.json").read_text(encoding="utf-8"))
         for name, payload in changed.items():
             (building / name).write_bytes(payload)
-            manifest["files"][name] = hashlib.sha256(payload).hexdigest()
-        atomic_write(building / "manifest.json", json.dumps(manifest, indent=2).encode())
-        replace_directory(building, directory)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
+
+    write_manifest_directory(directory, RUN_FORMAT, fill)
 
 
 def config_from_flags(config_path: str | None, flags: dict[str, Any]) -> PipelineConfig:
