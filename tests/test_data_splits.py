@@ -109,6 +109,19 @@ def test_random_split_is_a_seeded_permutation() -> None:
     assert other.test.tolist() != split.test.tolist()
 
 
+def test_random_split_cuts_validation_from_the_training_rows() -> None:
+    """The validation part is a second seeded permutation (seed + 1) of the training rows, its last share."""
+    log = _log()
+    split = split_interactions(log, "random", test_fraction=0.2, validation_fraction=0.25, seed=7)
+    first = np.random.default_rng(7).permutation(len(log))
+    training = first[:480]
+    second = np.random.default_rng(8).permutation(480)
+    assert split.test.tolist() == first[480:].tolist()
+    assert split.train.tolist() == training[second[:360]].tolist()
+    assert split.validation.tolist() == training[second[360:]].tolist()
+    _covers(log, split.train, split.validation, split.test)
+
+
 def test_bad_splits_are_refused() -> None:
     log = _log()
     for either in (log, _log(in_order=True)):

@@ -350,3 +350,32 @@ def test_train_flags_are_the_config_settings_with_their_defaults(capsys: pytest.
     assert "correction: on or off (default on)" in text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--split", "stratified"])
+
+
+def test_sparse_embeddings_train_the_same_model() -> None:
+    """--sparse-embeddings on: sparse gradients and Adagrad on the batch's rows only, the same arithmetic as the
+    dense tables, so the same weights and test numbers to float32 rounding."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from twotower.data import Interactions
+    from twotower.pipeline import PipelineConfig, train
+
+    rng = np.random.default_rng(4)
+    users, items = rng.integers(0, 60, 3_000), (rng.integers(0, 40, 3_000) + rng.integers(0, 60, 3_000)) % 40
+    log = Interactions.from_arrow(pa.table({"u": users, "i": items}), "u", "i")
+    runs = []
+    for sparse in (False, True):
+        config = PipelineConfig(user_col="u", item_col="i", split="random", epochs=3, batch_size=256, patience=0,
+                                embedding_dim=16, sparse_embeddings=sparse)  # fmt: skip
+        runs.append(train(config, progress=False, say=lambda line: None, interactions=log))
+    dense, sparse_run = runs
+    assert sparse_run.model.item_embedding.sparse
+    assert not dense.model.item_embedding.sparse
+    for name in ("user_embedding", "item_embedding"):
+        torch.testing.assert_close(
+            getattr(sparse_run.model, name).weight, getattr(dense.model, name).weight, rtol=1e-4, atol=1e-5
+        )
+    for key in ("model/recall@10", "model/recall@100"):
+        assert sparse_run.results["test"][key] == pytest.approx(dense.results["test"][key], abs=1e-3)

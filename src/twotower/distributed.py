@@ -191,6 +191,11 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter] | Iterator[tor
     with_grad = [parameter for parameter in parameters if parameter.grad is not None]
     if not with_grad:
         return
+    for parameter in with_grad:
+        if parameter.grad is not None and parameter.grad.is_sparse:
+            # A sparse embedding's rows differ by rank: summed densely (O(table), where one process is O(batch));
+            # the optimizers' dense and row-wise updates are the same arithmetic on the rows that have gradient.
+            parameter.grad = parameter.grad.to_dense()
     flat = torch.cat([parameter.grad.reshape(-1) for parameter in with_grad])  # type: ignore[union-attr]
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0

@@ -231,7 +231,9 @@ def split_interactions(
             order = np.random.default_rng(seed + salt).permutation(count).astype(index_type)
             kept = round((1.0 - fraction) * count)
             text = f"{what}: a random {fraction:.0%} (seed {seed})"
-            return of(order[:kept]), of(order[kept:]), text
+            if part is not None:  # positions within the part, as rows of the log
+                return part[order[:kept]], part[order[kept:]], text
+            return order[:kept], order[kept:], text
         if part is None:
             return _positions(~after, index_type), _positions(after, index_type), text
         return part[~after], part[after], text

@@ -47,6 +47,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "num_negatives",
         "logq",
         "remove_accidental_hits",
+        "sparse_embeddings",
         "patience",
         "early_stopping_k",
         "precision",
@@ -84,7 +85,9 @@ class PipelineConfig:
     uniform(±``init_scale``) as Keras does (``nn.Embedding``'s N(0, 1) default trains badly). Training: Adagrad
     (Keras's), the in-batch softmax with the logQ correction and, with ``negatives="mixed"``, ``num_negatives``
     extra uniformly sampled items per batch; early stopping on the validation Recall@``early_stopping_k`` after
-    ``patience`` epochs without improvement (0: train every epoch).
+    ``patience`` epochs without improvement (0: train every epoch). ``sparse_embeddings``: the tables' gradients
+    hold only the batch's rows and Adagrad updates only those (TensorFlow's sparse Adagrad; the same weights),
+    so a step costs O(batch) rather than O(table): for catalogues of millions.
     """
 
     interactions: str = ""
@@ -114,6 +117,7 @@ class PipelineConfig:
     num_negatives: int = 1024
     logq: bool = True
     remove_accidental_hits: bool = True
+    sparse_embeddings: bool = False
     patience: int = 3
     early_stopping_k: int = 100
     precision: str = "float32"

@@ -37,6 +37,9 @@ class IdRetrievalModel(Model):
         remove_accidental_hits: leave out of each row's softmax the other columns holding its positive item.
         precision: the loss's matrix products (see :class:`~twotower.tasks.Retrieval`).
         seed: seed of the negative sampler.
+        sparse_embeddings: the tables give sparse gradients (only the batch's rows), for an optimizer whose step
+            costs O(batch) rather than O(table) (:func:`~twotower.optim.sparse_keras_adagrad`): what large
+            catalogues need. The same arithmetic as the dense tables.
     """
 
     def __init__(
@@ -52,14 +55,15 @@ class IdRetrievalModel(Model):
         remove_accidental_hits: bool = True,
         precision: Precision = "float32",
         seed: int = 0,
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if num_items < 2:
             raise ValueError(f"num_items must be >= 2 (the OOV row and one item), got {num_items}")
         if negatives not in ("in-batch", "mixed"):
             raise ValueError(f"negatives must be 'in-batch' or 'mixed', got {negatives!r}")
-        self.user_embedding = nn.Embedding(num_users, embedding_dim)
-        self.item_embedding = nn.Embedding(num_items, embedding_dim)
+        self.user_embedding = nn.Embedding(num_users, embedding_dim, sparse=sparse_embeddings)
+        self.item_embedding = nn.Embedding(num_items, embedding_dim, sparse=sparse_embeddings)
         nn.init.uniform_(self.user_embedding.weight, -init_scale, init_scale)
         nn.init.uniform_(self.item_embedding.weight, -init_scale, init_scale)
         self.negatives, self.num_negatives = negatives, num_negatives

@@ -15,7 +15,7 @@ from twotower.data.batches import Batches
 from twotower.data.interactions import Interactions, InteractionsError
 from twotower.data.movielens import MovieLens
 from twotower.data.splits import split_interactions
-from twotower.optim import keras_adagrad
+from twotower.optim import keras_adagrad, sparse_keras_adagrad
 from twotower.pipeline.config import PipelineConfig
 from twotower.pipeline.evaluation import evaluate_part
 from twotower.pipeline.model import IdRetrievalModel
@@ -126,6 +126,7 @@ def build_model(config: PipelineConfig, prepared: PreparedInteractions) -> IdRet
         remove_accidental_hits=config.remove_accidental_hits,
         precision=config.precision,  # type: ignore[arg-type]
         seed=config.seed,
+        sparse_embeddings=config.sparse_embeddings,
     )
 
 
@@ -149,7 +150,8 @@ def fit(
     # computation on the same global batches.
     batches = Batches(*tensors, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                       shard=distributed.is_distributed())  # fmt: skip
-    optimizer = keras_adagrad(model.parameters(), config.learning_rate)
+    adagrad = sparse_keras_adagrad if config.sparse_embeddings else keras_adagrad
+    optimizer = adagrad(model.parameters(), config.learning_rate)
     early = config.patience > 0 and len(prepared.validation) > 0
     metric = f"model/recall@{config.early_stopping_k}"
     best: dict[str, Any] = {"score": -1.0, "epoch": 0, "state": None, "waited": 0}
