@@ -4,7 +4,12 @@
 
 from twotower.data.interactions import Interactions, InteractionsError, ReadReport, read_table
 from twotower.data.splits import Split, split_interactions
-from twotower.data.synthetic import SyntheticInteractions, make_synthetic_interactions
+from twotower.data.synthetic import (
+    SyntheticInteractions,
+    SyntheticLog,
+    make_synthetic_interactions,
+    write_synthetic_log,
+)
 
 __all__ = [
     "Interactions",
@@ -12,7 +17,9 @@ __all__ = [
     "ReadReport",
     "Split",
     "SyntheticInteractions",
+    "SyntheticLog",
     "make_synthetic_interactions",
     "read_table",
     "split_interactions",
+    "write_synthetic_log",
 ]
