@@ -35,6 +35,12 @@ class SyntheticInteractions:
     num_items: int
 
 
+def _require_positive_ints(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def make_synthetic_interactions(
     num_users: int = 1000,
     num_items: int = 500,
@@ -49,14 +55,9 @@ def make_synthetic_interactions(
     Returns:
         A :class:`SyntheticInteractions` with ``num_users * interactions_per_user`` pairs, shuffled and split.
     """
-    for name, value in (
-        ("num_users", num_users),
-        ("num_items", num_items),
-        ("interactions_per_user", interactions_per_user),
-        ("latent_dim", latent_dim),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _require_positive_ints(
+        num_users=num_users, num_items=num_items, interactions_per_user=interactions_per_user, latent_dim=latent_dim
+    )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0 < test_fraction < 1:
@@ -128,11 +129,8 @@ def write_synthetic_log(
     Returns:
         the path and the latent structure (:class:`SyntheticLog`).
     """
-    for name, value in (("num_rows", num_rows), ("num_users", num_users), ("num_items", num_items),
-                        ("num_topics", num_topics), ("favourites", favourites), ("chunk_rows", chunk_rows),
-                        ("days", days)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _require_positive_ints(num_rows=num_rows, num_users=num_users, num_items=num_items, num_topics=num_topics,
+                           favourites=favourites, chunk_rows=chunk_rows, days=days)  # fmt: skip
     if not 0 <= explore <= 1:
         raise ValueError(f"explore must lie in [0, 1], got {explore}")
     for name, exponent in (("popularity_exponent", popularity_exponent), ("activity_exponent", activity_exponent)):
