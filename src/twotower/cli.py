@@ -65,8 +65,10 @@ def _positive_float(text: str) -> float:
 
 
 #: The MovieLens reference workload's settings (TFRS's basic retrieval tutorial).
-_WORKLOAD_DEFAULTS = {"seed": 42, "epochs": 3, "batch_size": 8192, "embedding_dim": 32, "learning_rate": 0.1,
-                      "precision": "float32"}  # fmt: skip
+_WORKLOAD_DEFAULTS = {
+    name: getattr(WorkloadConfig(), name)
+    for name in ("seed", "epochs", "batch_size", "embedding_dim", "learning_rate", "precision")
+}
 
 
 def _add_workload_flags(parser: argparse.ArgumentParser, pipeline: bool = False) -> None:

@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+#: Keras's Adagrad defaults (TFRS's optimizer): where the accumulators start, and the epsilon added to their root.
+KERAS_INITIAL_ACCUMULATOR, KERAS_EPSILON = 0.1, 1e-7
+
 
 def keras_adagrad(parameters: Iterable[torch.nn.Parameter], learning_rate: float = 0.1) -> torch.optim.Adagrad:
     """TFRS's optimizer: Adagrad with Keras's defaults (initial accumulator 0.1, epsilon 1e-7).
@@ -17,9 +20,17 @@ def keras_adagrad(parameters: Iterable[torch.nn.Parameter], learning_rate: float
     """
     parameters = list(parameters)
     try:
-        return torch.optim.Adagrad(parameters, lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7, fused=True)
+        return torch.optim.Adagrad(
+            parameters,
+            lr=learning_rate,
+            fused=True,
+            initial_accumulator_value=KERAS_INITIAL_ACCUMULATOR,
+            eps=KERAS_EPSILON,
+        )
     except (TypeError, RuntimeError):  # torch < 2.4 has no fused Adagrad, or not for these tensors' device
-        return torch.optim.Adagrad(parameters, lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7)
+        return torch.optim.Adagrad(
+            parameters, lr=learning_rate, initial_accumulator_value=KERAS_INITIAL_ACCUMULATOR, eps=KERAS_EPSILON
+        )
 
 
 class SparseAdagrad(torch.optim.Adagrad):
@@ -42,7 +53,8 @@ def sparse_keras_adagrad(parameters: Iterable[torch.nn.Parameter], learning_rate
     the dense update does to a row whose gradient is zero, so the two give the same weights (to float32 rounding);
     only the cost differs. Dense parameters (MLP layers) may be passed too: they take the per-tensor dense update.
     """
-    return SparseAdagrad(list(parameters), lr=learning_rate, initial_accumulator_value=0.1, eps=1e-7, foreach=False)
+    return SparseAdagrad(list(parameters), lr=learning_rate, foreach=False,
+                         initial_accumulator_value=KERAS_INITIAL_ACCUMULATOR, eps=KERAS_EPSILON)  # fmt: skip
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -62,8 +74,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, params: Iterable[torch.nn.Parameter], lr: float = 0.1, initial_accumulator_value: float = 0.1,
-        eps: float = 1e-7,
+        self, params: Iterable[torch.nn.Parameter], lr: float = 0.1,
+        initial_accumulator_value: float = KERAS_INITIAL_ACCUMULATOR, eps: float = KERAS_EPSILON,
     ) -> None:  # fmt: skip
         if not 0.0 < lr < float("inf"):
             raise ValueError(f"lr must be a finite number > 0, got {lr}")

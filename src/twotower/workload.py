@@ -51,7 +51,6 @@ __all__ = [
     "WorkloadConfig",
     "evaluate_ranking",
     "keras_adagrad",
-    "popularity",
     "prepare",
     "train_and_evaluate",
 ]
@@ -212,11 +211,6 @@ def prepare(data: MovieLens, seed: int, config: WorkloadConfig | None = None) ->
         test_titles=test.items.long(),
         prepared=prepared,
     )
-
-
-def popularity(prepared: PreparedData) -> list[tuple[str, float]]:
-    """``(title, training count)``, most watched first: what unknown users are answered with."""
-    return prepared.prepared.popularity()
 
 
 def evaluate_ranking(model: IdRetrievalModel, prepared: PreparedData) -> dict[str, Any]:

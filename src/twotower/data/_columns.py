@@ -265,13 +265,20 @@ class IdColumn:
         return codes, pc.cast(pa.array(values[order]), pa.large_string())
 
 
+def id_column(table: Source, name: str, rows: int, source: str) -> IdColumn:
+    """The :class:`IdColumn` of ``table``'s column ``name`` (``rows`` long: a dataset's count reads every file's
+    footer, so the caller's is passed), told the range of an integer column where ``table`` knows it before
+    reading."""
+    kind = table.column_type(name)
+    return IdColumn(name, kind, rows, table.integer_range(name) if pa.types.is_integer(kind) else None, source)
+
+
 def encode_ids(column: pa.ChunkedArray, name: str, source: str) -> tuple[np.ndarray, pa.Array]:
     """A whole in-memory id column through :class:`IdColumn`."""
-    kind = column.type
-    _as_id_type(kind, name, source)
-    encoder = IdColumn(name, kind, len(column), _integer_range(column) if pa.types.is_integer(kind) else None, source)
+    table = TableSource(pa.table({name: column}))
+    encoder = id_column(table, name, len(column), source)
     start = 0
-    for chunk in column.chunks:
+    for (chunk,) in table.batches([name]):
         encoder.add(start, chunk)
         start += len(chunk)
     return encoder.finish()

@@ -28,9 +28,11 @@ from twotower.data._columns import (
     InteractionsError,
     ParquetSource,
     SecondsColumn,
+    Source,
     TableSource,
     WeightColumn,
     encode_ids,
+    id_column,
 )
 
 __all__ = ["Interactions", "InteractionsError", "Policy", "ReadReport", "read_table"]
@@ -134,7 +136,7 @@ class Interactions:
     @classmethod
     def from_arrow(
         cls,
-        table: pa.Table | pa.RecordBatch | TableSource | ParquetSource,
+        table: pa.Table | pa.RecordBatch | Source,
         user_col: str,
         item_col: str,
         time_col: str | None = None,
@@ -183,17 +185,14 @@ class Interactions:
             raise InteractionsError(f"{source} holds no rows")
         # Every column is encoded as its batches stream by (a Parquet row group at a time): the log is never held
         # as Arrow columns, only as the encoded arrays.
-        users, items_read = (_id_column(table, name, rows_read, source) for name in (user_col, item_col))
+        users, items_read = (id_column(table, name, rows_read, source) for name in (user_col, item_col))
         encoders: dict[str, IdColumn | SecondsColumn | WeightColumn] = {"user": users, "item": items_read}
-        names = [user_col, item_col]
         if time_col is not None:
             encoders["time"] = SecondsColumn(time_col, table.column_type(time_col), rows_read, source)
-            names.append(time_col)
         if weight_col is not None:
             encoders["weight"] = WeightColumn(weight_col, table.column_type(weight_col), rows_read, source)
-            names.append(weight_col)
         start = 0
-        for batch in table.batches(names):
+        for batch in table.batches([encoder.name for encoder in encoders.values()]):
             for encoder, chunk in zip(encoders.values(), batch, strict=True):
                 encoder.add(start, chunk)
             start += len(batch[0])
@@ -325,11 +324,6 @@ class Interactions:
         )
 
 
-def _id_column(table: TableSource | ParquetSource, name: str, rows: int, source: str) -> IdColumn:
-    kind = table.column_type(name)
-    return IdColumn(name, kind, rows, table.integer_range(name) if pa.types.is_integer(kind) else None, source)
-
-
 def _release_arrow_memory() -> None:
     """Hand the pages of a column just let go back to the system: Arrow's allocator keeps freed memory for reuse,
     which numpy, allocating the next arrays, cannot use."""
@@ -378,7 +372,7 @@ def _open_columns(
     columns: Sequence[str] | dict[str, str | None],
     id_columns: Sequence[str] = (),
     file_format: str | None = None,
-) -> TableSource | ParquetSource:
+) -> Source:
     """:func:`read_table`'s checks; a CSV file is read whole, a Parquet dataset opened for reading by row group."""
     import pyarrow.csv as pacsv
     import pyarrow.dataset as ds

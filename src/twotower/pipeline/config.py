@@ -56,7 +56,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluation": ("ks", "eval_batch_size"),
     "run": ("out",),
 }
-#: The settings that take one of a few words, and those words (the first is the default).
+#: The settings that take one of a few words, and those words.
 CHOICES: dict[str, tuple[str, ...]] = {
     "duplicates": ("keep", "drop"),
     "unknown_items": ("drop", "keep"),
