@@ -101,6 +101,21 @@ def fit_case(case: dict[str, Any]) -> dict[str, Any]:
     return {"state": {name: tensor.clone() for name, tensor in model.state_dict().items()}, "history": history}
 
 
+def stream_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Stream a Parquet file for an epoch on every rank; gather what each rank read and its batch sizes."""
+    from twotower.data.streaming import ParquetBatches
+
+    def identity(array: Any) -> np.ndarray:
+        return np.asarray(array.to_numpy(zero_copy_only=False))
+
+    stream = ParquetBatches(case["path"], {"ts": identity}, batch_size=case["batch_size"], shuffle_buffer=256, seed=5)
+    batches = [batch[0] for batch in stream]
+    mine = {"rows": torch.cat(batches).tolist(), "sizes": [len(batch) for batch in batches]}
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {"ranks": gathered}
+
+
 def worker(rank: int, world: int, init_file: str, cases_file: str, output: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -110,6 +125,7 @@ def worker(rank: int, world: int, init_file: str, cases_file: str, output: str) 
             "task": [task_case(case) for case in cases["task"]],
             "topk": topk_case(cases["topk"]),
             "fit": fit_case(cases["fit"]),
+            "stream": stream_case(cases["stream"]),
         }
         if rank == 0:
             torch.save(results, output)

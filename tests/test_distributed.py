@@ -6,6 +6,9 @@ import itertools
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -83,9 +86,18 @@ def _single_process(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _shares(rows: int, world: int) -> list[slice]:
+    base, extra = divmod(rows, world)
+    starts = [rank * base + min(rank, extra) for rank in range(world + 1)]
+    return [slice(starts[rank], starts[rank + 1]) for rank in range(world)]
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_multi_process_equals_single_process(world: int, tmp_path: Path) -> None:
     cases = _cases(world)
+    # A log of 23 row groups of 100 rows (the last 30) for the ranks to stream: batches of 60 rows globally.
+    pq.write_table(pa.table({"ts": np.arange(2230)}), tmp_path / "log.parquet", row_group_size=100)
+    cases["stream"] = {"path": str(tmp_path / "log.parquet"), "batch_size": 60}
     results = run(world, cases, tmp_path)
     for case, got in zip(cases["task"], results["task"], strict=True):
         expected = _single_process(case)
@@ -104,6 +116,16 @@ def test_multi_process_equals_single_process(world: int, tmp_path: Path) -> None
     metric = FactorizedTopK(single, ks=(1, 3, 10))
     metric.update(topk["queries"], topk["true"], topk["true_ids"])
     assert results["topk"]["metric"] == metric.results()
+
+    # Streaming: every rank reads its own row groups (no row twice), takes the same number of steps, each of its
+    # share of the global batch; what is left out is less than one row group per rank.
+    ranks = results["stream"]["ranks"]
+    rows = [row for rank in ranks for row in rank["rows"]]
+    assert len(rows) == len(set(rows))
+    assert set(rows) <= set(range(2230))
+    assert len({len(rank["sizes"]) for rank in ranks}) == 1
+    assert [set(rank["sizes"]) for rank in ranks] == [{len(range(60)[shard])} for shard in _shares(60, world)]
+    assert 2230 - len(rows) < 100 * world + 60
 
     reference = fit_case(cases["fit"])
     for name, tensor in reference["state"].items():

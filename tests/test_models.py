@@ -88,6 +88,86 @@ def test_resume_after_a_stop_gives_the_same_numbers(tmp_path: Path) -> None:
     assert straight.evaluate(test, progress=False) == resumed.evaluate(test, progress=False)
 
 
+class KilledError(Exception):
+    """Stands for the process being killed: raised from inside a training step."""
+
+
+def test_a_run_killed_mid_epoch_resumes_on_the_next_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    straight, optimizer, train, _test = _setup()
+    expected = straight.fit(train, optimizer, epochs=2, progress=False)
+    steps_per_epoch = len(train)
+
+    killed, optimizer, train, _ = _setup()
+    calls = {"n": 0}
+    original = Model.train_step
+
+    def dies_at_step(self: Model, batch: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 8:  # in epoch 2, after the checkpoint of its step 5
+            raise KilledError
+        return original(self, batch, optimizer)
+
+    monkeypatch.setattr(Model, "train_step", dies_at_step)
+    with pytest.raises(KilledError):
+        killed.fit(train, optimizer, epochs=2, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    monkeypatch.setattr(Model, "train_step", original)
+    # Only the newest mid-epoch checkpoint is kept, beside the epoch's.
+    assert sorted(path.name for path in tmp_path.glob("*.pt")) == [
+        "checkpoint-epoch0001.pt", "checkpoint-epoch0002-step00000005.pt"
+    ]  # fmt: skip
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-epoch0002-step00000005.pt"
+
+    torch.manual_seed(1234)
+    resumed, optimizer, train, _ = _setup(model_seed=99)
+    steps = {"n": 0}
+
+    def counted(self: Model, batch: Any, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        steps["n"] += 1
+        return original(self, batch, optimizer)
+
+    monkeypatch.setattr(Model, "train_step", counted)
+    history = resumed.fit(train, optimizer, epochs=2, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    assert steps["n"] == steps_per_epoch - 5  # the remainder of epoch 2, no batch twice
+    # The epoch's means and training metrics include the steps before the kill: the same numbers as straight.
+    assert history == pytest.approx(expected, rel=1e-6)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+def test_checkpoint_every_needs_batches_that_tell_their_position(tmp_path: Path) -> None:
+    model, optimizer, train, _ = _setup()
+    with pytest.raises(ValueError, match="checkpoint_every needs batches that tell their position"):
+        model.fit(list(train), optimizer, checkpoint_dir=tmp_path, checkpoint_every=5, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every needs a checkpoint_dir"):
+        model.fit(train, optimizer, checkpoint_every=5, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        model.fit(train, optimizer, checkpoint_dir=tmp_path, checkpoint_every=0, progress=False)
+
+
+def test_batches_resume_an_interrupted_epoch_exactly() -> None:
+    rows = torch.arange(1000)
+    straight = Batches(rows, batch_size=64, shuffle=True, seed=3)
+    first_epoch = [batch[0] for batch in straight]
+    second_epoch = [batch[0] for batch in straight]
+    interrupted = Batches(rows, batch_size=64, shuffle=True, seed=3)
+    for _ in interrupted:
+        pass
+    iterator = iter(interrupted)
+    taken = [next(iterator)[0] for _ in range(6)]
+    state = interrupted.state_dict()
+    fresh = Batches(rows, batch_size=64, shuffle=True, seed=99)
+    fresh.load_state_dict(state)
+    rest = [batch[0] for batch in fresh]
+    assert all(torch.equal(a, b) for a, b in zip(taken + rest, second_epoch, strict=True))
+    assert not torch.equal(first_epoch[0], second_epoch[0])
+    # Without a loaded position every iteration is a new epoch, even after an abandoned one.
+    again = Batches(rows, batch_size=64, shuffle=True, seed=3)
+    next(iter(again))
+    assert torch.equal(next(iter(again))[0], second_epoch[0])
+    with pytest.raises(ValueError, match="saved for 1000 rows in batches of 64"):
+        Batches(torch.arange(999), batch_size=64, shuffle=True).load_state_dict(state)
+
+
 def test_corrupt_or_unverified_checkpoints_are_refused(tmp_path: Path) -> None:
     model, optimizer, train, _ = _setup()
     model.fit(train, optimizer, epochs=1, checkpoint_dir=tmp_path, progress=False)

@@ -34,7 +34,9 @@ from twotower import distributed
 from twotower._files import atomic_write
 from twotower.tasks import Retrieval
 
-_CHECKPOINT = re.compile(r"^checkpoint-epoch(\d{4,})\.pt$")
+# ``checkpoint-epochNNNN.pt``: after epoch NNNN; ``checkpoint-epochNNNN-stepSSSSSSSS.pt``: SSSSSSSS steps into
+# epoch NNNN (written with ``checkpoint_every``).
+_CHECKPOINT = re.compile(r"^checkpoint-epoch(\d{4,})(?:-step(\d{8,}))?\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -127,6 +129,7 @@ class Model(nn.Module, abc.ABC):
         compute_factorized_metrics: bool = False,
         progress: bool = True,
         on_epoch_end: Callable[[dict[str, float]], bool] | None = None,
+        checkpoint_every: int | None = None,
     ) -> list[dict[str, float]]:
         """Train for ``epochs`` epochs over ``train``.
 
@@ -141,6 +144,11 @@ class Model(nn.Module, abc.ABC):
             progress: show a progress bar (tqdm), on a terminal only: piped output gets no bar.
             on_epoch_end: called with each epoch's record (after validation and the checkpoint); returning
                 ``True`` stops training (early stopping).
+            checkpoint_every: also write ``checkpoint-epochNNNN-stepSSSSSSSS.pt`` every this many steps within
+                an epoch (keeping only the newest such file), so that a run killed mid-epoch resumes on the batch
+                it would have trained on next; ``train`` must then tell its position (``state_dict`` and
+                ``load_state_dict``, as :class:`~twotower.data.batches.Batches` and
+                :class:`~twotower.data.streaming.ParquetBatches` do).
 
         Returns:
             The history: one dict per epoch with the task metrics that the epoch computed (a metric that was not
@@ -157,16 +165,30 @@ class Model(nn.Module, abc.ABC):
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if directory is not None and directory.exists() and not directory.is_dir():
             raise ValueError(f"checkpoint_dir must be a directory, but {directory} is a file")
+        if checkpoint_every is not None:
+            if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+                raise ValueError(f"checkpoint_every must be a positive int of steps, got {checkpoint_every!r}")
+            if directory is None:
+                raise ValueError("checkpoint_every needs a checkpoint_dir to write to")
+            if not (hasattr(train, "state_dict") and hasattr(train, "load_state_dict")):
+                raise ValueError(f"checkpoint_every needs batches that tell their position (state_dict and "
+                                 f"load_state_dict), and {type(train).__name__} does not")  # fmt: skip
+        partial: dict[str, Any] | None = None
         if directory is not None and resume:
             latest = latest_checkpoint(directory, verified=True)
             if latest is not None:
                 state = self.load_checkpoint(latest, optimizer, train)
                 start_epoch, history = int(state["epoch"]), list(state["history"])
+                partial = state.get("partial")
         for epoch in range(start_epoch, epochs):
             self.train()
             self.reset_metrics()
             sums = {"loss": 0.0, "regularization_loss": 0.0, "total_loss": 0.0}
             batches = 0
+            if partial is not None:  # resumed mid-epoch: the epoch's sums and metrics so far
+                sums, batches = {key: float(value) for key, value in partial["sums"].items()}, int(partial["steps"])
+                self._set_metric_states(partial["metrics"])
+                partial = None
             with self.factorized_metrics(compute_factorized_metrics):
                 bar = _progress(train, f"epoch {epoch + 1}/{epochs}", progress and distributed.rank() == 0)
                 for batch in bar:
@@ -176,6 +198,11 @@ class Model(nn.Module, abc.ABC):
                         sums[key] += step[key]
                     if progress and hasattr(bar, "set_postfix"):
                         bar.set_postfix(loss=f"{sums['loss'] / batches:.2f}")
+                    if checkpoint_every is not None and directory is not None and batches % checkpoint_every == 0:
+                        self._write_checkpoint(directory, f"checkpoint-epoch{epoch + 1:04d}-step{batches:08d}.pt",
+                                               optimizer, epoch, history, train,
+                                               {"sums": dict(sums), "steps": batches,
+                                                "metrics": self._metric_states()})  # fmt: skip
             if batches == 0:
                 raise ValueError("train yielded no batches")
             record = {**self.updated_metric_results(), **{key: value / batches for key, value in sums.items()}}
@@ -184,15 +211,51 @@ class Model(nn.Module, abc.ABC):
                 record.update({f"val_{key}": value for key, value in self.evaluate(validation, progress=False).items()})
             history.append(record)
             if directory is not None:
-                # One writer; the other ranks wait so that nobody resumes from a half-written directory.
-                if distributed.rank() == 0:
-                    path = directory / f"checkpoint-epoch{epoch + 1:04d}.pt"
-                    self.save_checkpoint(path, optimizer, epoch + 1, history, train)
-                if distributed.is_distributed():
-                    torch.distributed.barrier()
+                self._write_checkpoint(directory, f"checkpoint-epoch{epoch + 1:04d}.pt", optimizer, epoch + 1,
+                                       history, train)  # fmt: skip
             if on_epoch_end is not None and on_epoch_end(record):
                 break
         return history
+
+    def _write_checkpoint(
+        self,
+        directory: Path,
+        name: str,
+        optimizer: torch.optim.Optimizer,
+        epoch: int,
+        history: list[dict[str, float]],
+        train: Iterable[Any],
+        partial: dict[str, Any] | None = None,
+    ) -> None:
+        # One writer; the other ranks wait so that nobody resumes from a half-written directory. (Under
+        # torch.distributed a loader's position is rank 0's: a stream resumed mid-epoch across ranks would need
+        # every rank's, so mid-epoch checkpoints there are written for rank 0's reader only.)
+        if distributed.rank() == 0:
+            self.save_checkpoint(directory / name, optimizer, epoch, history, train, partial)
+            # Mid-epoch checkpoints are for surviving a kill: only the newest one is worth its disk.
+            for older in directory.glob("checkpoint-epoch*-step*.pt"):
+                if older.name != name and _CHECKPOINT.match(older.name):
+                    older.unlink(missing_ok=True)
+                    older.with_name(older.name + ".sha256").unlink(missing_ok=True)
+        if distributed.is_distributed():
+            torch.distributed.barrier()
+
+    def _metric_states(self) -> list[dict[str, Any]]:
+        return [
+            {"update_count": metric.update_count,
+             "state": {name: _copied(value) for name, value in metric.metric_state.items()}}
+            for task in self.tasks() for metric in task.all_metrics()
+        ]  # fmt: skip
+
+    def _set_metric_states(self, states: list[dict[str, Any]]) -> None:
+        metrics = [metric for task in self.tasks() for metric in task.all_metrics()]
+        if len(states) != len(metrics):
+            raise CheckpointError(f"the checkpoint holds {len(states)} metric states, the model has {len(metrics)}")
+        for metric, saved in zip(metrics, states, strict=True):
+            for name, value in saved["state"].items():
+                setattr(metric, name, _copied(value))
+            metric._update_count = int(saved["update_count"])
+            metric._computed = None
 
     @torch.no_grad()
     def evaluate(
@@ -227,8 +290,13 @@ class Model(nn.Module, abc.ABC):
         epoch: int = 0,
         history: list[dict[str, float]] | None = None,
         train: Iterable[Any] | None = None,
+        partial: dict[str, Any] | None = None,
     ) -> None:
-        """Write model, optimizer, epoch, history and random states to ``path`` atomically, with ``path.sha256``."""
+        """Write model, optimizer, epoch, history and random states to ``path`` atomically, with ``path.sha256``.
+
+        ``epoch`` is the number of finished epochs; ``partial`` (mid-epoch) the current epoch's loss sums, steps
+        and metric states. A ``train`` with ``state_dict`` (its position) has it saved too.
+        """
         generator = getattr(train, "generator", None)
         state = {
             "format": "twotower.checkpoint/1",
@@ -240,6 +308,8 @@ class Model(nn.Module, abc.ABC):
             "numpy_rng": _numpy_state(),
             "python_rng": repr(random.getstate()),
             "loader_rng": generator.get_state() if isinstance(generator, torch.Generator) else None,
+            "loader_state": train.state_dict() if train is not None and hasattr(train, "state_dict") else None,
+            "partial": partial,
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -268,6 +338,11 @@ class Model(nn.Module, abc.ABC):
         generator = getattr(train, "generator", None)
         if isinstance(generator, torch.Generator) and state["loader_rng"] is not None:
             generator.set_state(state["loader_rng"])
+        if state.get("loader_state") is not None and train is not None and hasattr(train, "load_state_dict"):
+            try:
+                train.load_state_dict(state["loader_state"])
+            except ValueError as error:
+                raise CheckpointError(f"{path} was written for other training batches: {error}") from error
         return state
 
 
@@ -309,7 +384,12 @@ def latest_checkpoint(directory: str | os.PathLike[str], verified: bool = False)
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    found = [(int(match.group(1)), path) for path in directory.iterdir() if (match := _CHECKPOINT.match(path.name))]
+    # After epoch E sorts after every step of epoch E and before any step of epoch E + 1.
+    found = [
+        ((int(match.group(1)), int(match.group(2)) if match.group(2) else math.inf), path)
+        for path in directory.iterdir()
+        if (match := _CHECKPOINT.match(path.name))
+    ]
     if not verified:
         return max(found)[1] if found else None
     first_error: CheckpointError | None = None
@@ -335,6 +415,11 @@ def _progress(batches: Iterable[Any], description: str, enabled: bool) -> Iterab
     total = len(batches) if isinstance(batches, Sized) else None
     bar: Iterable[Any] = tqdm(batches, desc=description, total=total, leave=False, dynamic_ncols=True)
     return bar
+
+
+def _copied(value: Any) -> Any:
+    """A metric state (a tensor, or a list of them for concatenated states), detached and copied."""
+    return [item.detach().clone() for item in value] if isinstance(value, list) else value.detach().clone()
 
 
 def _numpy_state() -> dict[str, Any]:

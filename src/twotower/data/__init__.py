@@ -1,9 +1,10 @@
 """Data for retrieval: your own interaction logs (:mod:`twotower.data.interactions`), their splits
-(:mod:`twotower.data.splits`), MovieLens (:mod:`twotower.data.movielens`) and generated interactions
-(:mod:`twotower.data.synthetic`)."""
+(:mod:`twotower.data.splits`), MovieLens (:mod:`twotower.data.movielens`), generated interactions
+(:mod:`twotower.data.synthetic`) and training batches streamed from Parquet (:mod:`twotower.data.streaming`)."""
 
 from twotower.data.interactions import Interactions, InteractionsError, ReadReport, read_table
 from twotower.data.splits import Split, split_interactions
+from twotower.data.streaming import IntegerIdRows, ParquetBatches, id_rows
 from twotower.data.synthetic import (
     SyntheticInteractions,
     SyntheticLog,
@@ -13,11 +14,14 @@ from twotower.data.synthetic import (
 
 __all__ = [
     "Interactions",
+    "IntegerIdRows",
     "InteractionsError",
+    "ParquetBatches",
     "ReadReport",
     "Split",
     "SyntheticInteractions",
     "SyntheticLog",
+    "id_rows",
     "make_synthetic_interactions",
     "read_table",
     "split_interactions",
