@@ -14,6 +14,11 @@
 4. Exact top-100 over N = 1,000,000 x D = 64 candidates for 4,096 queries: TFRS's BruteForce and Streaming
    against twotower's.
 5. twotower's step breakdown at batch 1024, 4096 and 8192 (benchmarks/step_breakdown.py, without TensorFlow).
+6. Large item tables (--table-rows, default 1M and 10M rows; --skip-tables leaves it out): id towers of a
+   100,000-row user table and the item table, 64-d, the in-batch softmax at batch 4096, Adagrad 0.1, on the same
+   random batches. TFRS's Embedding gives IndexedSlices gradients, which Keras's Adagrad applies to the touched
+   rows only (TF's sparse Adagrad); twotower runs its sparse path (``sparse_embeddings``, sparse_keras_adagrad).
+   A warm-up pass, then passes over the batches interleaved as in 1.
 
 Every library runs with 2 threads (TensorFlow's intra- and inter-op pools, torch's pool).
 """
@@ -38,6 +43,8 @@ import torch
 import step_breakdown
 from twotower import BruteForce, Streaming
 from twotower.data.movielens import load_movielens
+from twotower.optim import sparse_keras_adagrad
+from twotower.pipeline.model import IdRetrievalModel
 from twotower.workload import BasicRetrievalModel, Batches, keras_adagrad, prepare
 
 DIM = 64
@@ -185,6 +192,44 @@ def topk_run(num_candidates: int, num_queries: int) -> dict[str, float]:
     return rates
 
 
+class TfrsIdModel(tfrs.Model):  # type: ignore[misc]
+    """Integer user and item ids straight into two Embedding tables, TFRS's Retrieval task (no metrics)."""
+
+    def __init__(self, num_users: int, num_items: int) -> None:
+        super().__init__()
+        initializer = tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=0)
+        self.user_embedding = tf.keras.layers.Embedding(num_users, DIM, embeddings_initializer=initializer)
+        self.item_embedding = tf.keras.layers.Embedding(num_items, DIM, embeddings_initializer=initializer)
+        self.task = tfrs.tasks.Retrieval()
+
+    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        return self.task(self.user_embedding(features["user"]), self.item_embedding(features["item"]))
+
+
+def large_tables(table_rows: int, pairs: int, batch_size: int = 4096, batches: int = 12) -> dict[str, list[float]]:
+    """Examples/s of TFRS's and twotower's sparse training on an item table of ``table_rows`` rows."""
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 100_000, batches * batch_size)
+    items = rng.integers(1, table_rows, batches * batch_size)
+    tf.keras.utils.set_random_seed(0)
+    theirs = TfrsIdModel(100_000, table_rows)
+    theirs.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
+    data = tf.data.Dataset.from_tensor_slices({"user": users, "item": items}).batch(batch_size).cache()
+    torch.manual_seed(0)
+    # TFRS's Retrieval keeps accidental hits; so does this model, to run the same softmax.
+    ours = IdRetrievalModel(100_000, table_rows, DIM, batch_size=batch_size, remove_accidental_hits=False,
+                            sparse_embeddings=True)  # fmt: skip
+    optimizer = sparse_keras_adagrad(ours.parameters(), 0.1)
+    rows = Batches(torch.from_numpy(users), torch.from_numpy(items), batch_size=batch_size, shuffle=False)
+    runs: dict[str, Callable[[], Any]] = {
+        "TFRS": lambda: theirs.fit(data, epochs=1, verbose=0),
+        "twotower": lambda: ours.fit(rows, optimizer, epochs=1, progress=False),
+    }
+    for run in runs.values():
+        run()  # warm-up: tracing, and the first touches of the tables and accumulators
+    return _interleaved(runs, pairs, batches * batch_size)
+
+
 def _print_rates(label: str, rates: dict[str, list[float]]) -> None:
     medians = [statistics.median(rates[name]) for name in LIBRARIES]
     cells = "".join(f"{median:>12,.0f}" for median in medians)
@@ -204,15 +249,33 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=4096, help="top-K queries (default 4096)")
     parser.add_argument("--skip-topk", action="store_true", help="leave out the exact top-K comparison")
     parser.add_argument("--skip-breakdown", action="store_true", help="leave out twotower's step breakdown")
+    parser.add_argument("--table-rows", type=int, nargs="+", default=[1_000_000, 10_000_000],
+                        help="item-table sizes of the large-table comparison (default 1M and 10M)")  # fmt: skip
+    parser.add_argument("--skip-tables", action="store_true", help="leave out the large-table comparison")
+    parser.add_argument("--only-tables", action="store_true", help="run the large-table comparison alone")
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     tf.config.threading.set_intra_op_parallelism_threads(2)
     tf.config.threading.set_inter_op_parallelism_threads(2)
     torch.set_num_threads(2)
-    prepared = prepare(load_movielens("100k", data_dir=args.data_dir), seed=42)
     print(f"tensorflow {tf.__version__}, tfrs {tfrs.__version__}, torch {torch.__version__}; 2 threads; "
           f"{args.pairs} interleaved rounds per row\n")  # fmt: skip
+    if not args.only_tables:
+        movielens(args)
+    if not args.skip_tables:
+        print(f"\n{'sparse training, batch 4096':<36}{'TFRS ex/s':>12}{'twotower ex/s':>15}{'ratio [min-max]':>22}")
+        for table_rows in args.table_rows:
+            rates = large_tables(table_rows, args.pairs)
+            per_pair = [ours / theirs for ours, theirs in zip(rates["twotower"], rates["TFRS"], strict=True)]
+            print(f"{f'{table_rows:,} item rows':<36}{statistics.median(rates['TFRS']):>12,.0f}"
+                  f"{statistics.median(rates['twotower']):>15,.0f}{statistics.median(per_pair):>10.2f} "
+                  f"[{min(per_pair):.2f}-{max(per_pair):.2f}]")  # fmt: skip
+
+
+def movielens(args: argparse.Namespace) -> None:
+    """Sections 1-5: the MovieLens 100K comparisons."""
+    prepared = prepare(load_movielens("100k", data_dir=args.data_dir), seed=42)
     header = "".join(f"{name:>12}" for name in ("TFRS", "twotower", "tt bf16"))
     print(f"{'MovieLens 100K, 64-d':<26}{header}  {'ratio fp32 [min-max]':>20}  {'ratio bf16 [min-max]':>20}")
     for batch_size in args.batch_sizes:

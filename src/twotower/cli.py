@@ -151,6 +151,7 @@ _PIPELINE_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("negatives", str, "in-batch or mixed: plus --num-negatives sampled items per batch"),
     ("num_negatives", _positive_int, "sampled negatives per batch with --negatives mixed"),
     ("logq", _on_off, "the logQ (sampling-bias) correction: on or off"),
+    ("optimizer", str, "adagrad (Keras's), rowwise-adagrad (an accumulator per row) or adam (lazy; lr near 0.001)"),
     ("sparse_embeddings", _on_off, "sparse embedding gradients, Adagrad on the batch's rows only (large catalogues)"),
     ("patience", int, "early stopping: epochs without a better validation Recall@K (0: off)"),
     ("early_stopping_k", _positive_int, "the K of early stopping's Recall@K"),

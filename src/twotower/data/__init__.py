@@ -13,8 +13,8 @@ from twotower.data.synthetic import (
 )
 
 __all__ = [
-    "Interactions",
     "IntegerIdRows",
+    "Interactions",
     "InteractionsError",
     "ParquetBatches",
     "ReadReport",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from twotower.data.splits import SPLIT_METHODS
+from twotower.optim import OPTIMIZERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +44,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "epochs",
         "batch_size",
         "learning_rate",
+        "optimizer",
         "negatives",
         "num_negatives",
         "logq",
@@ -64,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "user_vocabulary": ("train", "all"),
     "negatives": ("in-batch", "mixed"),
     "precision": ("float32", "bf16"),
+    "optimizer": OPTIMIZERS,
 }
 #: Settings that name files: resolved against the config file's folder, saved absolute.
 _PATHS = ("interactions", "items", "data_dir", "out")
@@ -87,7 +90,9 @@ class PipelineConfig:
     extra uniformly sampled items per batch; early stopping on the validation Recall@``early_stopping_k`` after
     ``patience`` epochs without improvement (0: train every epoch). ``sparse_embeddings``: the tables' gradients
     hold only the batch's rows and Adagrad updates only those (TensorFlow's sparse Adagrad; the same weights),
-    so a step costs O(batch) rather than O(table): for catalogues of millions.
+    so a step costs O(batch) rather than O(table): for catalogues of millions. ``optimizer``: ``"adagrad"``
+    (Keras's, TFRS's), ``"rowwise-adagrad"`` (one accumulator per row) or ``"adam"`` (lazy on sparse tables; give
+    it a learning rate near Keras's 0.001): see :func:`~twotower.optim.make_optimizer`.
     """
 
     interactions: str = ""
@@ -113,6 +118,7 @@ class PipelineConfig:
     epochs: int = 30
     batch_size: int = 4096
     learning_rate: float = 0.1
+    optimizer: str = "adagrad"
     negatives: str = "in-batch"
     num_negatives: int = 1024
     logq: bool = True

@@ -15,7 +15,7 @@ from twotower.data.batches import Batches
 from twotower.data.interactions import Interactions, InteractionsError
 from twotower.data.movielens import MovieLens
 from twotower.data.splits import split_interactions
-from twotower.optim import keras_adagrad, sparse_keras_adagrad
+from twotower.optim import make_optimizer
 from twotower.pipeline.config import PipelineConfig
 from twotower.pipeline.evaluation import evaluate_part
 from twotower.pipeline.model import IdRetrievalModel
@@ -150,8 +150,7 @@ def fit(
     # computation on the same global batches.
     batches = Batches(*tensors, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                       shard=distributed.is_distributed())  # fmt: skip
-    adagrad = sparse_keras_adagrad if config.sparse_embeddings else keras_adagrad
-    optimizer = adagrad(model.parameters(), config.learning_rate)
+    optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.sparse_embeddings)
     early = config.patience > 0 and len(prepared.validation) > 0
     metric = f"model/recall@{config.early_stopping_k}"
     best: dict[str, Any] = {"score": -1.0, "epoch": 0, "state": None, "waited": 0}
