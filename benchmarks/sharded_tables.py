@@ -11,7 +11,8 @@ global batch of 4096, Adagrad 0.1) on the same random batches:
   tables row-wise sharded by TorchRec, FBGEMM's Adagrad fused into the backward, each rank with half of every
   global batch and twotower's cross-rank negatives.
 Each configuration runs in fresh processes (so that each peak RSS is its own), alternating for ``--rounds``
-rounds; it reports examples/s over the timed steps (after warm-up steps) and each process's peak RSS.
+rounds; it reports examples/s over the timed steps (after warm-up steps) and each process's peak RSS and its
+resident set after training (the steady state, without the start's transients).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _rss_gib() -> float:
+    """The resident set now (after training: the steady state, without the start's transients)."""
+    with open("/proc/self/statm", encoding="ascii") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def one_process(items: int, warmup: int, steps: int) -> dict[str, Any]:
     from twotower.optim import sparse_keras_adagrad
     from twotower.pipeline.model import IdRetrievalModel
@@ -56,7 +63,7 @@ def one_process(items: int, warmup: int, steps: int) -> dict[str, Any]:
             started = time.perf_counter()
         model.train_step(batch, optimizer)
     seconds = time.perf_counter() - started
-    return {"examples_per_s": steps * BATCH / seconds, "peak_rss_gib": [_peak_rss_gib()]}
+    return {"examples_per_s": steps * BATCH / seconds, "peak_rss_gib": [_peak_rss_gib()], "rss_gib": [_rss_gib()]}
 
 
 def _rank(rank: int, world: int, init_file: str, items: int, warmup: int, steps: int, output: str) -> None:
@@ -78,9 +85,11 @@ def _rank(rank: int, world: int, init_file: str, items: int, warmup: int, steps:
     dist.barrier()
     seconds = time.perf_counter() - started
     memory: list[Any] = [None] * world
-    dist.all_gather_object(memory, _peak_rss_gib())
+    dist.all_gather_object(memory, (_peak_rss_gib(), _rss_gib()))
     if rank == 0:
-        Path(output).write_text(json.dumps({"examples_per_s": steps * BATCH / seconds, "peak_rss_gib": memory}))
+        Path(output).write_text(json.dumps({"examples_per_s": steps * BATCH / seconds,
+                                            "peak_rss_gib": [peak for peak, _ in memory],
+                                            "rss_gib": [now for _, now in memory]}))  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
 
@@ -117,13 +126,14 @@ def main() -> None:
     table_gib = args.items * DIM * 4 * 2 / 2**30
     print(f"{args.items:,}-row item table + {USERS:,} users, {DIM}-d (weights + Adagrad state {table_gib:.2f} GiB), "
           f"batch {BATCH}; {args.rounds} alternating rounds, {args.steps} timed steps each")  # fmt: skip
-    print(f"{'configuration':<44}{'examples/s (median, each round)':>36}{'peak RSS per process, GiB':>30}")
+    print(f"{'configuration':<44}{'examples/s (median, each round)':>36}{'per process GiB: peak, after':>32}")
     labels = {"one": "1 process, 2 threads, whole tables", "sharded": "2 gloo processes, row-wise (TorchRec)"}
     for child, label in labels.items():
         rates = [result["examples_per_s"] for result in results[child]]
-        memory = [max(result["peak_rss_gib"]) for result in results[child]]
+        peak = statistics.median(max(result["peak_rss_gib"]) for result in results[child])
+        after = statistics.median(max(result["rss_gib"]) for result in results[child])
         cells = ", ".join(f"{rate:,.0f}" for rate in rates)
-        print(f"{label:<44}{statistics.median(rates):>10,.0f} ({cells}){'':>4}{statistics.median(memory):>10.2f}")
+        print(f"{label:<44}{statistics.median(rates):>10,.0f} ({cells}){'':>4}{peak:>10.2f}, {after:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a separate environment with TorchRec (never a core twotower dependency) for the sharded-table tests and
 # benchmark, then run the sharded-table tests there, or any command given as arguments, e.g.:
-#   bash benchmarks/torchrec_env.sh                                  # tests/torchrec (2 gloo processes)
+#   bash benchmarks/torchrec_env.sh                                  # tests/sharded (2 gloo processes)
 #   bash benchmarks/torchrec_env.sh --ci                             # as CI runs them (see benchmarks/side_env.sh)
 #   bash benchmarks/torchrec_env.sh python benchmarks/sharded_tables.py
 # torchrec 1.8.0 and fbgemm-gpu-cpu 1.8.0 load with torch 2.13.0 (1.9.x do not: undefined symbols). They go in
@@ -21,4 +21,4 @@ build() {
 }
 
 source benchmarks/side_env.sh
-side_env_main -m pytest -q -p no:cacheprovider tests/torchrec -- "$@"
+side_env_main -m pytest -q -p no:cacheprovider tests/sharded -- "$@"

@@ -191,9 +191,12 @@ class ShardedIdRetrievalModel(Model):
     def _initialise_shards(self) -> None:
         for number, (_name, shards) in enumerate(self._shards().items()):
             for tensor, (row, column) in shards:
-                rows = initial_rows(self._seed + number, row, row + tensor.shape[0], self.embedding_dim,
-                                    self._init_scale)  # fmt: skip
-                tensor.copy_(rows[:, column : column + tensor.shape[1]])
+                # Block by block: a shard-sized temporary would double the rank's memory at the start.
+                for begin in range(0, tensor.shape[0], _INIT_BLOCK):
+                    end = min(begin + _INIT_BLOCK, tensor.shape[0])
+                    rows = initial_rows(self._seed + number, row + begin, row + end, self.embedding_dim,
+                                        self._init_scale)  # fmt: skip
+                    tensor[begin:end].copy_(rows[:, column : column + tensor.shape[1]])
 
     @torch.no_grad()
     def full_table(self, name: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Worker of tests/torchrec: train ShardedIdRetrievalModel on each rank's share of global batches."""
+"""Worker of tests/sharded: train ShardedIdRetrievalModel on each rank's share of global batches."""
 
 from __future__ import annotations
 
