@@ -97,6 +97,7 @@ class ShardedIdRetrievalModel(Model):
     ) -> None:
         super().__init__()
         _require_torchrec()
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
         from torchrec.distributed import DistributedModelParallel
         from torchrec.distributed.comm_ops import set_gradient_division
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -105,8 +106,6 @@ class ShardedIdRetrievalModel(Model):
         from torchrec.modules.embedding_configs import PoolingType
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
         from torchrec.optim.rowwise_adagrad import RowWiseAdagrad as TorchRecRowWiseAdagrad
-
-        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 
         if sharding not in ("row_wise", "table_wise"):
             raise ValueError(f"sharding must be 'row_wise' or 'table_wise', got {sharding!r}")
