@@ -1,11 +1,13 @@
-"""The blocked in-batch softmax's settings: exponentials kept for the backward or recomputed there, and the
-products in float32 or bf16, interleaved at each batch size.
+"""The blocked in-batch softmax's settings: float32 gradients computed in the forward ("eager", the default),
+from exponentials kept for the backward, or recomputed there, and the products in float32 or bf16, interleaved
+at each batch size.
 
     python benchmarks/blocked_loss.py [--batch-sizes 1024 4096 8192 16384] [--rounds 5]
 
 One forward + backward of ``in_batch_softmax_cross_entropy`` (D = 64, 2 threads) per variant and round; the
 variants alternate within each round (their order rotating), and the table gives each one's median milliseconds
-and its median per-round ratio to "kept, float32". "recomputed" sets the kept budget to 0 (what a batch above
+and its median per-round ratio to "eager, float32". "kept" and "recomputed" turn the eager gradients off
+(``twotower.losses._EAGER_GRADIENTS``); "recomputed" also sets the kept budget to 0 (what a batch above
 ``twotower.losses._KEPT_ELEMENTS`` logits gets, so above the budget "kept" recomputes too); "3 GEMMs" is
 ``Q C^T``, ``G C``, ``G^T Q`` alone with fresh outputs (the arithmetic with nothing else).
 """
@@ -22,7 +24,9 @@ import torch
 from twotower import losses
 from twotower.logits import LogitSteps
 
-VARIANTS = ("kept, float32", "recomputed, float32", "kept, bf16", "recomputed, bf16", "3 GEMMs, float32")
+VARIANTS = (
+    "eager, float32", "kept, float32", "recomputed, float32", "kept, bf16", "recomputed, bf16", "3 GEMMs, float32"
+)  # fmt: skip
 
 
 def _step(batch: int, dim: int, variant: str) -> Callable[[], None]:
@@ -40,15 +44,16 @@ def _step(batch: int, dim: int, variant: str) -> Callable[[], None]:
 
         return gemms
     steps = LogitSteps(matmul_dtype=torch.bfloat16 if variant.endswith("bf16") else None)
-    budget = losses._KEPT_ELEMENTS if variant.startswith("kept") else 0
+    budget = 0 if variant.startswith("recomputed") else losses._KEPT_ELEMENTS
+    eager = variant.startswith("eager")
 
     def loss_step() -> None:
-        saved = losses._KEPT_ELEMENTS
-        losses._KEPT_ELEMENTS = budget
+        saved = losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS
+        losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS = budget, eager
         try:
             losses.in_batch_softmax_cross_entropy(queries, candidates, steps=steps).sum().backward()
         finally:
-            losses._KEPT_ELEMENTS = saved
+            losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS = saved
 
     return loss_step
 
@@ -63,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, D = {args.dim}, {args.rounds} rounds")
     print(f"kept budget: {losses._KEPT_ELEMENTS:,} logits\n")
-    print(f"{'batch':>6}  {'variant':<22}{'ms':>10}{'ratio to kept fp32':>22}")
+    print(f"{'batch':>6}  {'variant':<22}{'ms':>10}{'ratio to eager fp32':>22}")
     for batch in args.batch_sizes:
         steps = {variant: _step(batch, args.dim, variant) for variant in VARIANTS}
         for step in steps.values():
@@ -76,7 +81,7 @@ def main() -> None:
                 steps[variant]()
                 times[variant].append(time.perf_counter() - started)
         for variant in VARIANTS:
-            ratios = [a / b for a, b in zip(times[variant], times["kept, float32"], strict=True)]
+            ratios = [a / b for a, b in zip(times[variant], times["eager, float32"], strict=True)]
             print(
                 f"{batch:>6}  {variant:<22}{1000 * statistics.median(times[variant]):>10.1f}"
                 f"{statistics.median(ratios):>10.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"

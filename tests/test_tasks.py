@@ -494,13 +494,21 @@ class TestBadInput:
             Retrieval()(broken[:3], self.candidates)
 
 
-def _blocked_loss_mode(monkeypatch: pytest.MonkeyPatch, kept: bool, native_kernels: bool = True) -> None:
-    """Set how the blocked loss runs: ``kept=False`` recomputes every block in the backward (a kept budget of 0),
+#: How the blocked loss gets its float gradients: computed in the forward ("eager", the default), from the
+#: exponentials the forward kept, or recomputed block by block in the backward.
+BLOCKED_LOSS_MODES = ("eager", "kept", "recomputed")
+
+
+def _blocked_loss_mode(monkeypatch: pytest.MonkeyPatch, mode: str, native_kernels: bool = True) -> None:
+    """Set how the blocked loss runs (one of :data:`BLOCKED_LOSS_MODES`; bf16 products are never eager);
     ``native_kernels=False`` makes every softmax kernel decline, as on a machine where they are not built, so that
     torch's passes run instead."""
     from twotower import _native, losses
 
-    if not kept:
+    assert mode in BLOCKED_LOSS_MODES
+    if mode != "eager":
+        monkeypatch.setattr(losses, "_EAGER_GRADIENTS", False)
+    if mode == "recomputed":
         monkeypatch.setattr(losses, "_KEPT_ELEMENTS", 0)
     if native_kernels:
         return
@@ -567,15 +575,17 @@ class TestFusedLoss:
 
     @pytest.mark.parametrize("block_rows", [2, None])
     @pytest.mark.parametrize("with_mask", [True, False])
-    @pytest.mark.parametrize("kept", [True, False])
+    @pytest.mark.parametrize("mode", BLOCKED_LOSS_MODES)
     def test_gradcheck_blocked_with_all_options(
-        self, block_rows: int | None, with_mask: bool, kept: bool, monkeypatch: pytest.MonkeyPatch
+        self, block_rows: int | None, with_mask: bool, mode: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """Several blocks (one partial) or one, their exponentials kept for the backward (which without a mask
-        takes its gradient through the thin factors only) or, above the kept budget, recomputed there."""
+        """Several blocks (one partial) or one; the gradients computed in the forward (gradcheck's one-hot
+        upstream gradients are unequal across rows: the candidates' side is recomputed), or from exponentials
+        the forward kept (without a mask through the thin factors only), or, above the kept budget, recomputed
+        in the backward."""
         from twotower.losses import in_batch_softmax_cross_entropy
 
-        _blocked_loss_mode(monkeypatch, kept)
+        _blocked_loss_mode(monkeypatch, mode)
 
         generator = torch.Generator().manual_seed(9)
         queries = torch.randn(5, 3, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -659,16 +669,18 @@ class TestFusedLoss:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     @pytest.mark.parametrize("native_kernels", [True, False])
-    @pytest.mark.parametrize("kept", [True, False])
+    @pytest.mark.parametrize("mode", BLOCKED_LOSS_MODES)
     @pytest.mark.parametrize("with_mask", [True, False])
+    @pytest.mark.parametrize("equal_weights", [True, False])
     def test_several_blocks_at_vector_widths_match_float64(
-        self, kept: bool, with_mask: bool, native_kernels: bool, monkeypatch: pytest.MonkeyPatch
+        self, mode: str, with_mask: bool, native_kernels: bool, equal_weights: bool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Several blocks (the last partial) at widths that take the native kernels' vector lanes and tails, the
-        exponentials kept or recomputed (the one-pass gradient kernel, or torch's passes without the kernels):
-        float64's loss and gradients, with a temperature, logQ bias, accidental hits, masked entries and extra
-        candidates."""
-        _blocked_loss_mode(monkeypatch, kept, native_kernels)
+        gradients computed in the forward (with equal row weights only scaled in the backward, with unequal
+        ones the candidates' side recomputed), from kept exponentials or recomputed (the one-pass gradient
+        kernel, or torch's passes without the kernels): float64's loss and gradients, with a temperature, logQ
+        bias, accidental hits, masked entries and extra candidates."""
+        _blocked_loss_mode(monkeypatch, mode, native_kernels)
         generator = torch.Generator().manual_seed(23)
         queries = torch.randn(37, 8, generator=generator, requires_grad=True)
         candidates = torch.randn(51, 8, generator=generator, requires_grad=True)
@@ -677,7 +689,7 @@ class TestFusedLoss:
         mask = (torch.rand(37, 51, generator=generator) > 0.2) if with_mask else None
         if mask is not None:
             mask[torch.arange(37), torch.arange(37)] = True
-        weights = torch.rand(37, generator=generator)
+        weights = torch.full((37,), 0.37) if equal_weights else torch.rand(37, generator=generator)
         per_row = in_batch_softmax_cross_entropy(queries, candidates, 0.2, bias, codes, mask, block_rows=8)
         (per_row * weights).sum().backward()
         logits, _ = reference_logits(
@@ -698,6 +710,73 @@ class TestFusedLoss:
         torch.testing.assert_close(queries.grad, q64.grad.float(), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(candidates.grad, c64.grad.float(), rtol=1e-4, atol=1e-4)
 
+    @pytest.mark.parametrize("with_mask", [True, False])
+    def test_eager_gradients_serve_every_upstream_gradient_of_one_forward(self, with_mask: bool) -> None:
+        """The forward's gradients for unit row weights are only read by the backward: backwards with equal
+        weights, unequal weights and equal weights again (retained graph) each give float64's gradients."""
+        from twotower.losses import in_batch_softmax_cross_entropy
+
+        generator = torch.Generator().manual_seed(41)
+        queries = torch.randn(19, 8, generator=generator, requires_grad=True)
+        candidates = torch.randn(23, 8, generator=generator, requires_grad=True)
+        mask = (torch.rand(19, 23, generator=generator) > 0.25) if with_mask else None
+        per_row = in_batch_softmax_cross_entropy(queries, candidates, 0.5, score_mask=mask, block_rows=4)
+        q64 = queries.detach().double().requires_grad_(True)
+        c64 = candidates.detach().double().requires_grad_(True)
+        logits = q64 @ c64.T / 0.5
+        if mask is not None:
+            logits = torch.where(mask, logits, torch.full_like(logits, float(MIN_FLOAT)))
+        expected_rows = torch.nn.functional.cross_entropy(logits, torch.arange(19), reduction="none")
+        upstream = (torch.ones(19), torch.rand(19, generator=generator), torch.full((19,), 2.5))
+        for weights in upstream:
+            got = torch.autograd.grad(per_row, (queries, candidates), weights, retain_graph=True)
+            want = torch.autograd.grad(expected_rows, (q64, c64), weights.double(), retain_graph=True)
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+    @pytest.mark.parametrize("which", ["queries", "candidates"])
+    def test_eager_gradients_of_one_input_alone(self, which: str) -> None:
+        """Only one side requires gradient (a frozen tower): its gradient is float64's, the other gets none."""
+        from twotower.losses import in_batch_softmax_cross_entropy
+
+        generator = torch.Generator().manual_seed(43)
+        queries = torch.randn(10, 6, generator=generator)
+        candidates = torch.randn(14, 6, generator=generator)
+        (queries if which == "queries" else candidates).requires_grad_(True)
+        weights = torch.rand(10, generator=generator)
+        (in_batch_softmax_cross_entropy(queries, candidates, block_rows=3) * weights).sum().backward()
+        q64 = queries.detach().double().requires_grad_(True)
+        c64 = candidates.detach().double().requires_grad_(True)
+        expected = torch.nn.functional.cross_entropy(q64 @ c64.T, torch.arange(10), reduction="none")
+        (expected * weights.double()).sum().backward()
+        learned, frozen = (queries, candidates) if which == "queries" else (candidates, queries)
+        reference = q64.grad if which == "queries" else c64.grad
+        assert learned.grad is not None
+        assert reference is not None
+        torch.testing.assert_close(learned.grad.double(), reference, rtol=1e-4, atol=1e-5)
+        assert frozen.grad is None
+
+    def test_no_gradient_products_without_gradients(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Under no_grad (evaluation) the forward computes the loss alone: the eager forward, which also forms
+        the gradient products, is not entered, and the loss is float64's."""
+        from twotower import losses
+
+        def refuse(*args: object) -> None:
+            raise AssertionError("the eager forward ran without gradients")
+
+        generator = torch.Generator().manual_seed(45)
+        queries = torch.randn(9, 5, generator=generator, requires_grad=True)
+        candidates = torch.randn(9, 5, generator=generator, requires_grad=True)
+        monkeypatch.setattr(losses._InBatchSoftmax, "_forward_eager", staticmethod(refuse))
+        with torch.no_grad():
+            per_row = losses.in_batch_softmax_cross_entropy(queries, candidates)
+        expected = torch.nn.functional.cross_entropy(
+            queries.detach().double() @ candidates.detach().double().T, torch.arange(9), reduction="none"
+        )
+        torch.testing.assert_close(per_row.double(), expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(AssertionError, match="eager forward ran"):
+            losses.in_batch_softmax_cross_entropy(queries, candidates)
+
     @pytest.mark.parametrize("native_kernels", [True, False])
     @pytest.mark.parametrize("kept", [True, False])
     @pytest.mark.parametrize("block_rows", [None, 16])
@@ -709,7 +788,7 @@ class TestFusedLoss:
         kernels."""
         from twotower.logits import LogitSteps
 
-        _blocked_loss_mode(monkeypatch, kept, native_kernels)
+        _blocked_loss_mode(monkeypatch, "kept" if kept else "recomputed", native_kernels)
         generator = torch.Generator().manual_seed(31)
         queries = torch.randn(64, 32, generator=generator).div_(2).requires_grad_(True)
         candidates = torch.randn(80, 32, generator=generator).div_(2).requires_grad_(True)
