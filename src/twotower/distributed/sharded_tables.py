@@ -19,11 +19,13 @@ Not here (yet): checkpoints of the sharded tables (TorchRec's state dict holds `
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 
 from twotower import distributed
+from twotower._checks import require_number, require_positive_int, require_tensor
 from twotower.models import Model
 from twotower.tasks import Retrieval
 
@@ -47,6 +49,22 @@ def initial_rows(seed: int, start: int, stop: int, dim: int, scale: float) -> to
         low, high = max(start - block * _INIT_BLOCK, 0), min(stop - block * _INIT_BLOCK, _INIT_BLOCK)
         parts.append(values[low:high])
     return torch.cat(parts) if parts else torch.empty(0, dim)
+
+
+def _require_rows(rows: Any, name: str, num_rows: int) -> torch.Tensor:
+    """``rows`` as a tensor of table rows: 1-D integers in ``[0, num_rows)``. Outside the table, FBGEMM's
+    bounds check (torchrec 1.8) logs an error and uses row 0 instead: a silent wrong answer, and a wrong update."""
+    tensor = require_tensor(rows, name)
+    if tensor.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of row indices [b], got shape {tuple(tensor.shape)}")
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(f"{name} must hold integer row indices, got {tensor.dtype}")
+    if tensor.numel() > 0:
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < 0 or high >= num_rows:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} must lie in [0, {num_rows}) (the table's rows), got {bad}")
+    return tensor
 
 
 def _require_torchrec() -> Any:
@@ -96,6 +114,26 @@ class ShardedIdRetrievalModel(Model):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        # The arguments first: a mistake is named whether or not TorchRec is installed.
+        if sharding not in ("row_wise", "table_wise"):
+            raise ValueError(f"sharding must be 'row_wise' or 'table_wise', got {sharding!r}")
+        if optimizer not in ("adagrad", "rowwise-adagrad", "sgd"):
+            raise ValueError(f"optimizer must be 'adagrad', 'rowwise-adagrad' or 'sgd', got {optimizer!r}")
+        num_users, num_items = (
+            require_positive_int(num_users, "num_users"),
+            require_positive_int(num_items, "num_items"),
+        )
+        embedding_dim = require_positive_int(embedding_dim, "embedding_dim")
+        learning_rate = require_number(learning_rate, "learning_rate", 0.0, math.inf, low_open=True)
+        eps = require_number(eps, "eps", 0.0, math.inf)
+        init_scale = require_number(init_scale, "init_scale", 0.0, math.inf)
+        for name, number in (("learning_rate", learning_rate), ("eps", eps), ("init_scale", init_scale)):
+            if not math.isfinite(number):
+                raise ValueError(f"{name} must be finite, got {number!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if not isinstance(remove_accidental_hits, bool):
+            raise TypeError(f"remove_accidental_hits must be a bool, got {type(remove_accidental_hits).__name__}")
         _require_torchrec()
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
         from torchrec.distributed import DistributedModelParallel
@@ -107,13 +145,6 @@ class ShardedIdRetrievalModel(Model):
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
         from torchrec.optim.rowwise_adagrad import RowWiseAdagrad as TorchRecRowWiseAdagrad
 
-        if sharding not in ("row_wise", "table_wise"):
-            raise ValueError(f"sharding must be 'row_wise' or 'table_wise', got {sharding!r}")
-        if optimizer not in ("adagrad", "rowwise-adagrad", "sgd"):
-            raise ValueError(f"optimizer must be 'adagrad', 'rowwise-adagrad' or 'sgd', got {optimizer!r}")
-        for name, rows in (("num_users", num_users), ("num_items", num_items)):
-            if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-                raise ValueError(f"{name} must be a positive int, got {rows!r}")
         if not torch.distributed.is_available() or not torch.distributed.is_initialized():
             raise RuntimeError("ShardedIdRetrievalModel needs an initialised process group (torchrun, gloo or NCCL)")
         self.num_users, self.num_items, self.embedding_dim = num_users, num_items, embedding_dim
@@ -215,8 +246,9 @@ class ShardedIdRetrievalModel(Model):
         whichever ranks hold them."""
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-        users, items = users.to(self.device, torch.int64), items.to(self.device, torch.int64)
-        if users.shape != items.shape or users.ndim != 1:
+        users = _require_rows(users, "users", self.num_users).to(self.device, torch.int64)
+        items = _require_rows(items, "items", self.num_items).to(self.device, torch.int64)
+        if users.shape != items.shape:
             raise ValueError(f"users and items must be [b] each, got {tuple(users.shape)} and {tuple(items.shape)}")
         features = KeyedJaggedTensor.from_lengths_sync(
             keys=list(_TABLES), values=torch.cat([users, items]),
