@@ -1,6 +1,12 @@
-"""Approximate search on realistic corpora: FAISS configurations against exact search, side by side.
+"""Approximate search on realistic corpora: FAISS configurations and ScaNN against exact search, side by side.
 
-    TWOTOWER_DATA_DIR=../shared/data python benchmarks/ann.py [--size 1000000]
+    TWOTOWER_DATA_DIR=../shared/data python benchmarks/ann.py [--size 1000000] [--json FILE]
+    TWOTOWER_DATA_DIR=../shared/data bash benchmarks/scann_env.sh python benchmarks/ann.py --scann [--json FILE]
+
+ScaNN (TFRS's approximate search, ``tfrs.layers.factorized_top_k.ScaNN``) lives in its own environment, built by
+``benchmarks/scann_env.sh``; ``--scann`` adds its rows: one tree-AH searcher per corpus as TFRS's serving
+tutorial configures it (1,000 leaves, anisotropic hashing over 2-dimension blocks, exact reordering), timed at a
+sweep of leaves searched and reorder depths (per call, on the same searcher).
 
 Random vectors have no cluster structure and make every approximate index look bad. The corpora are built from
 the trained MovieLens 100K reference model (32-d): its 1,664 title embeddings, followed by perturbed copies of
@@ -16,18 +22,27 @@ Each index is timed two ways, both on 2 threads:
 * batch: all queries in one call, as an offline evaluation sends them; exact search is then a GEMM;
 * one query per call, as a server receives them (the first ``--single-queries`` queries, one at a time).
 
+Every index and setting is built first; then ``--rounds`` rounds (default 3) time every row in turn, the order
+rotating each round, and the table gives each row's median.
+
 ``x exact`` divides by the faster of the two exact searches (twotower's BruteForce, FAISS's IndexFlatIP) in the
 same mode; ``x Flat`` by FAISS's IndexFlatIP alone, the usual baseline of ANN benchmarks. Recall@k is the mean
-fraction of each query's exact top-k that the index also returns in its top k.
+fraction of each query's exact top-k that the index also returns in its top k. ``--json FILE`` writes every row
+as ``{"corpus", "library", "config", "batch_qps", "one_query_qps", "recall_at_10", "recall_at_100"}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twotower.indexes import BruteForce, Faiss, FaissSearchParameters, TopK, recall_at_k
@@ -50,6 +65,25 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any], list[dict[str, int]]]]] = {
         ("HNSW32", {}, [{"ef_search": 512}]),
     ],
 }  # fmt: skip
+# ScaNN's searcher as TFRS's efficient-serving tutorial builds it, and the per-call settings swept on it.
+SCANN_LEAVES, SCANN_TRAINING_SAMPLE, SCANN_MAX_REORDER = 1000, 250_000, 1000
+SCANN_SETTINGS = [{"leaves_to_search": leaves, "pre_reorder_num_neighbors": reorder}
+                  for leaves in (25, 50, 75, 100, 150) for reorder in (250, 500, 1000)]  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One index at one setting: its two searches (``[nq, d]`` float32 queries to top-100 ids) and recalls."""
+
+    library: str
+    config: str
+    build_seconds: float
+    batch: Callable[[torch.Tensor], Any]
+    single: Callable[[torch.Tensor], Any]
+    recall_at_10: float
+    recall_at_100: float
+    batch_rates: list[float]
+    single_rates: list[float]
 
 
 def build_corpus(titles: torch.Tensor, size: int, perturbation: str, noise: float) -> torch.Tensor:
@@ -64,13 +98,14 @@ def build_corpus(titles: torch.Tensor, size: int, perturbation: str, noise: floa
     return torch.cat([titles, perturbed]).contiguous()
 
 
-def rates(search: Callable[[torch.Tensor], Any], queries: torch.Tensor, single_queries: int) -> tuple[float, float]:
-    """``(batch queries/s, one-query-per-call queries/s)``, each the best of two passes."""
-    search(queries[:1])
-    batch = min(_timed(lambda: search(queries)) for _ in range(2))
+def rates(row: Row, queries: torch.Tensor, single_queries: int) -> None:
+    """One round: ``row``'s batch queries/s (all queries in one call) and one-query-per-call queries/s (the first
+    ``single_queries``), appended to its lists."""
+    row.batch(queries[:1])
+    row.batch_rates.append(queries.shape[0] / _timed(lambda: row.batch(queries)))
     single_set = queries[:single_queries]
-    single = min(_timed(lambda: [search(single_set[i : i + 1]) for i in range(single_set.shape[0])]) for _ in range(2))
-    return queries.shape[0] / batch, single_set.shape[0] / single
+    single = _timed(lambda: [row.single(single_set[i : i + 1]) for i in range(single_set.shape[0])])
+    row.single_rates.append(single_set.shape[0] / single)
 
 
 def _timed(work: Callable[[], Any]) -> float:
@@ -86,8 +121,18 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.1, help="gaussian: noise std relative to the titles' (0.1)")
     parser.add_argument("--single-queries", type=int, default=200, help="queries timed one per call (200)")
     parser.add_argument("--data-dir", help="folder with ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
-    parser.add_argument("--threads", type=int, default=2, help="torch/FAISS threads (default 2)")
+    parser.add_argument("--threads", type=int, default=2, help="torch/FAISS/ScaNN threads (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    parser.add_argument("--scann", action="store_true", help="add ScaNN's rows (run in benchmarks/scann_env.sh)")
+    parser.add_argument("--json", type=Path, help="also write every row to this JSON file")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.scann:
+        try:
+            import scann  # noqa: F401
+        except ImportError:
+            parser.error("--scann needs ScaNN: run this script through benchmarks/scann_env.sh")
     torch.set_num_threads(args.threads)
     import faiss
 
@@ -96,48 +141,80 @@ def main() -> None:
     with torch.no_grad():
         titles = model.item_embedding.weight[1:].detach().clone()
         queries = model.user_embedding.weight[1:].detach().clone()
+    records: list[dict[str, Any]] = []
     for perturbation in args.perturbation:
         corpus = build_corpus(titles, args.size, perturbation, args.noise)
         print(
             f"\ncorpus {args.size:,} x {corpus.shape[1]} (trained title embeddings, {perturbation} perturbation), "
-            f"{queries.shape[0]} queries ({args.single_queries} of them one per call), {args.threads} threads"
+            f"{queries.shape[0]} queries ({args.single_queries} of them one per call), {args.threads} threads, "
+            f"medians of {args.rounds} interleaved rounds"
         )
-        compare(corpus, queries, CONFIGS[perturbation], args.single_queries)
+        rows = compare(corpus, queries, CONFIGS[perturbation], args, perturbation)
+        records += [{"corpus": perturbation, "library": row.library, "config": row.config,
+                     "batch_qps": statistics.median(row.batch_rates),
+                     "one_query_qps": statistics.median(row.single_rates),
+                     "recall_at_10": row.recall_at_10, "recall_at_100": row.recall_at_100} for row in rows]  # fmt: skip
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=1) + "\n")
+
+
+def _scann_rows(corpus: torch.Tensor, queries: torch.Tensor, truth: dict[int, torch.Tensor], threads: int) -> list[Row]:
+    """ScaNN's tree-AH searcher (one build) at every setting of ``SCANN_SETTINGS``."""
+    import scann
+
+    database = corpus.numpy()
+    started = time.perf_counter()
+    builder = scann.scann_ops_pybind.builder(database, 100, "dot_product")
+    searcher = (
+        builder.tree(num_leaves=SCANN_LEAVES, num_leaves_to_search=100, training_sample_size=SCANN_TRAINING_SAMPLE)
+        .score_ah(2, anisotropic_quantization_threshold=0.2)
+        .reorder(SCANN_MAX_REORDER)
+        .build()
+    )
+    build_seconds = time.perf_counter() - started
+    if hasattr(searcher, "set_num_threads"):
+        searcher.set_num_threads(threads)
+    query_array = queries.numpy()
+    rows = []
+    for setting in SCANN_SETTINGS:
+
+        def batch(q: torch.Tensor, s: dict[str, int] = setting, k: int = 100) -> torch.Tensor:
+            found, _ = searcher.search_batched_parallel(q.numpy(), final_num_neighbors=k, **s)
+            return torch.from_numpy(np.asarray(found, dtype=np.int64))
+
+        def single(q: torch.Tensor, s: dict[str, int] = setting) -> Any:
+            return searcher.search(q.numpy()[0], final_num_neighbors=100, **s)
+
+        recalls = {k: recall_at_k(batch(torch.from_numpy(query_array), k=k), truth[k]) for k in (10, 100)}
+        config = f"tree {SCANN_LEAVES} leaves, AH 2 dims/block, " + " ".join(f"{k}={v}" for k, v in setting.items())
+        rows.append(Row("scann", config, build_seconds, batch, single, recalls[10], recalls[100], [], []))
+    return rows
 
 
 def compare(
     corpus: torch.Tensor,
     queries: torch.Tensor,
     configs: list[tuple[str, dict[str, Any], list[dict[str, int]]]],
-    single_queries: int,
-) -> None:
-    """Print the table for one corpus: both exact searches, then every FAISS configuration."""
-    rows: list[tuple[str, float, float, float, float, float]] = []
+    args: argparse.Namespace,
+    perturbation: str,
+) -> list[Row]:
+    """Print the table for one corpus (both exact searches, every FAISS configuration, ScaNN's sweep with
+    ``--scann``), timed in interleaved rounds; returns its rows."""
+    rows: list[Row] = []
     truth: dict[int, torch.Tensor] = {}
-    exact_rates = [0.0, 0.0]
-    flat_rates = [0.0, 0.0]
     for label, build in (
-        ("exact: twotower BruteForce", lambda: BruteForce(k=100).index(corpus)),
-        ("exact: FAISS Flat (IP)", lambda: Faiss("Flat", k=100).index(corpus)),
+        ("twotower BruteForce", lambda: BruteForce(k=100).index(corpus)),
+        ("Flat (IP)", lambda: Faiss("Flat", k=100).index(corpus)),
     ):
         started = time.perf_counter()
         exact: TopK = build()
         build_seconds = time.perf_counter() - started
         found = {k: exact(queries, k=k)[1] for k in (10, 100)}
         truth = truth or found  # the first exact search is the reference; the second checks it
-        batch, single = rates(lambda q, index=exact: index(q, k=100), queries, single_queries)
-        exact_rates = [max(exact_rates[0], batch), max(exact_rates[1], single)]
-        flat_rates = [batch, single]  # the last exact search is FAISS's
-        rows.append(
-            (
-                label,
-                build_seconds,
-                batch,
-                single,
-                recall_at_k(found[10], truth[10]),
-                recall_at_k(found[100], truth[100]),
-            )
-        )
+        search = lambda q, index=exact: index(q, k=100)  # noqa: E731
+        library = "twotower" if label.startswith("twotower") else "faiss"
+        rows.append(Row(library, f"exact: {label}", build_seconds, search, search,
+                        recall_at_k(found[10], truth[10]), recall_at_k(found[100], truth[100]), [], []))  # fmt: skip
     for factory, options, settings in configs:
         started = time.perf_counter()
         index = Faiss(factory, k=100, **options).index(corpus)
@@ -148,21 +225,28 @@ def compare(
             recall_100 = recall_at_k(
                 index.search(queries, k=100, params=FaissSearchParameters(**setting))[1], truth[100]
             )
-            batch, single = rates(
-                lambda q, s=setting, i=index: i.search(q, k=100, params=FaissSearchParameters(**s)),
-                queries,
-                single_queries,
-            )
-            rows.append((name, build_seconds, batch, single, recall_10, recall_100))
-        del index
-    header = f"{'index':<48}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
+            search = lambda q, s=setting, i=index: i.search(q, k=100, params=FaissSearchParameters(**s))  # noqa: E731
+            # twotower's Faiss index: FAISS's search behind twotower's interface (ids, exclusions, checks).
+            rows.append(Row("faiss", name, build_seconds, search, search, recall_10, recall_100, [], []))
+    if args.scann:
+        rows += _scann_rows(corpus, queries, truth, args.threads)
+    for round_ in range(args.rounds):
+        shift = round_ % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            rates(row, queries, args.single_queries)
+    batch_medians = [statistics.median(row.batch_rates) for row in rows]
+    single_medians = [statistics.median(row.single_rates) for row in rows]
+    exact_rates = (max(batch_medians[:2]), max(single_medians[:2]))
+    flat_rates = (batch_medians[1], single_medians[1])
+    header = f"{'library':<9}{'index':<58}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
     print(header + f"{'1-query q/s':>12}{'x exact':>8}{'x Flat':>8}{'recall@10':>11}{'recall@100':>12}")
-    for name, build_seconds, batch, single, recall_10, recall_100 in rows:
+    for row, batch, single in zip(rows, batch_medians, single_medians, strict=True):
         print(
-            f"{name:<48}{build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}{batch / flat_rates[0]:>8.1f}"
-            f"{single:>12,.0f}{single / exact_rates[1]:>8.1f}{single / flat_rates[1]:>8.1f}"
-            f"{recall_10:>11.4f}{recall_100:>12.4f}"
+            f"{row.library:<9}{row.config:<58}{row.build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}"
+            f"{batch / flat_rates[0]:>8.1f}{single:>12,.0f}{single / exact_rates[1]:>8.1f}"
+            f"{single / flat_rates[1]:>8.1f}{row.recall_at_10:>11.4f}{row.recall_at_100:>12.4f}"
         )
+    return rows
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
    at batch 256, 1024, 4096 and 8192. For each batch size both libraries get the same training rows in the same
    order, train one warm-up epoch (excluded: graph tracing, first touches), then alternate single epochs,
    TFRS / twotower / twotower bf16, for --pairs rounds (the order of the three rotates each round, so that a
-   slower or faster moment of a shared machine falls on each library in turn). Each round gives one per-pair
+   slower or faster moment of a shared machine falls on each library in turn), each after 0.3 s of rest so that
+   the previous library's spinning worker threads are idle (untimed). Each round gives one per-pair
    ratio, twotower's examples/s over TFRS's in that round; the table prints each library's median examples/s and
    the median, min and max of the per-pair ratios.
 2. Evaluation: test loss plus factorized top-K over every title, interleaved in the same way.
@@ -82,13 +83,20 @@ def _seconds(function: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+#: Seconds of rest before each timed run (not timed): TensorFlow's and OpenMP's worker threads spin for a while
+#: after their last task, and without the rest they take the CPUs from whichever library runs next.
+SETTLE_SECONDS = 0.3
+
+
 def _interleaved(runs: dict[str, Callable[[], Any]], pairs: int, items: int) -> dict[str, list[float]]:
-    """``items``/s of each run over ``pairs`` rounds; the order of the runs rotates every round."""
+    """``items``/s of each run over ``pairs`` rounds; the order of the runs rotates every round, and each run
+    starts after ``SETTLE_SECONDS`` of rest."""
     rates: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for round_ in range(pairs):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            time.sleep(SETTLE_SECONDS)
             rates[name].append(items / _seconds(runs[name]))
     return rates
 
@@ -243,7 +251,7 @@ def _print_rates(label: str, rates: dict[str, list[float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", help="folder with ml-100k/ or ml-100k.zip (default: $TWOTOWER_DATA_DIR)")
-    parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds per measurement (default 5)")
+    parser.add_argument("--pairs", type=int, default=7, help="interleaved rounds per measurement (default 7)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--corpus", type=int, default=1_000_000, help="top-K corpus size (default 1,000,000)")
     parser.add_argument("--queries", type=int, default=4096, help="top-K queries (default 4096)")
