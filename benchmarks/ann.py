@@ -186,7 +186,8 @@ def _scann_rows(corpus: torch.Tensor, queries: torch.Tensor, truth: dict[int, to
             return searcher.search(q.numpy()[0], final_num_neighbors=100, **s)
 
         recalls = {k: recall_at_k(batch(torch.from_numpy(query_array), k=k), truth[k]) for k in (10, 100)}
-        config = f"tree {SCANN_LEAVES} leaves, AH 2 dims/block, " + " ".join(f"{k}={v}" for k, v in setting.items())
+        config = (f"tree{SCANN_LEAVES},AH2,reorder leaves_to_search={setting['leaves_to_search']} "
+                  f"reorder={setting['pre_reorder_num_neighbors']}")  # fmt: skip
         rows.append(Row("scann", config, build_seconds, batch, single, recalls[10], recalls[100], [], []))
     return rows
 
@@ -238,11 +239,11 @@ def compare(
     single_medians = [statistics.median(row.single_rates) for row in rows]
     exact_rates = (max(batch_medians[:2]), max(single_medians[:2]))
     flat_rates = (batch_medians[1], single_medians[1])
-    header = f"{'library':<9}{'index':<58}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
+    header = f"{'library':<9}{'index':<52}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
     print(header + f"{'1-query q/s':>12}{'x exact':>8}{'x Flat':>8}{'recall@10':>11}{'recall@100':>12}")
     for row, batch, single in zip(rows, batch_medians, single_medians, strict=True):
         print(
-            f"{row.library:<9}{row.config:<58}{row.build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}"
+            f"{row.library:<9}{row.config:<52}{row.build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}"
             f"{batch / flat_rates[0]:>8.1f}{single:>12,.0f}{single / exact_rates[1]:>8.1f}"
             f"{single / flat_rates[1]:>8.1f}{row.recall_at_10:>11.4f}{row.recall_at_100:>12.4f}"
         )
