@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -254,3 +256,89 @@ def test_concurrent_searches_with_different_settings_do_not_interfere() -> None:
     for thread in threads:
         thread.join()
     assert wrong == []
+
+
+def _clustered(n: int = 30_000, d: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(50, d, generator=generator)
+    return centers.repeat(n // 50, 1) + 0.3 * torch.randn(n, d, generator=generator)
+
+
+def _numpy_recall(corpus: torch.Tensor, queries: torch.Tensor, found: np.ndarray, k: int) -> float:
+    """recall@k of ``found`` rows against numpy's exact top-k by inner product (float64)."""
+    scores = queries.double().numpy() @ corpus.double().numpy().T
+    truth = np.argsort(-scores, axis=1)[:, :k]
+    return sum(len(np.intersect1d(f, t)) for f, t in zip(found, truth, strict=True)) / truth.size
+
+
+# HNSW by inner product tops out near 0.9 on these unnormalised clusters: its target is lower.
+@pytest.mark.parametrize(("factory", "name", "target"), [("IVF256,Flat", "nprobe", 0.9), ("HNSW16", "ef_search", 0.8)])
+def test_target_recall_takes_the_narrowest_breadth_that_reaches_it(factory: str, name: str, target: float) -> None:
+    """The tuned breadth reaches the target on the tuning queries and one less does not, both measured here
+    against numpy's exact top-k; reached_recall is that measurement, and searches use the tuned breadth."""
+    corpus = _clustered()
+    # Queries near the corpus (a query tower's users are): HNSW's graph serves far-off queries poorly.
+    generator = torch.Generator().manual_seed(5)
+    queries = corpus[torch.randint(0, corpus.shape[0], (300,), generator=generator)]
+    queries = queries + 0.3 * torch.randn(queries.shape, generator=generator)
+    index = Faiss(factory, k=20, target_recall=target, tuning_queries=queries).index(corpus)
+    snapshot = index.snapshot()
+    breadth = snapshot.default_nprobe if name == "nprobe" else snapshot.default_ef_search
+    assert breadth is not None
+    assert breadth > 1
+
+    def found(value: int) -> np.ndarray:
+        params = FaissSearchParameters(**{name: value})
+        return index.search(queries, k=20, params=params).rows.numpy()
+
+    at_breadth = _numpy_recall(corpus, queries, found(breadth), 20)
+    assert at_breadth >= target
+    assert _numpy_recall(corpus, queries, found(breadth - 1), 20) < target
+    assert index.reached_recall == pytest.approx(at_breadth, abs=1e-9)
+    assert np.array_equal(index.search(queries, k=20).rows.numpy(), found(breadth))
+
+
+def test_target_recall_of_a_flat_index_is_exact_and_an_unreachable_target_warns() -> None:
+    corpus = _clustered(n=2_000)
+    assert Faiss(k=10, target_recall=0.99).index(corpus).reached_recall == 1.0  # under 20,000 rows: Flat
+    with pytest.warns(UserWarning, match=r"target_recall 0.99 is out of reach of 'IVF64,PQ4x4fs'.*nprobe 64"):
+        index = Faiss("IVF64,PQ4x4fs", k=10, target_recall=0.99).index(_clustered())
+    assert index.snapshot().default_nprobe == 64
+    assert index.reached_recall is not None
+    assert index.reached_recall < 0.99
+
+
+def test_tuned_breadth_survives_save_and_load(tmp_path: Path) -> None:
+    corpus = _clustered()
+    queries = torch.randn(50, 16, generator=torch.Generator().manual_seed(6))
+    index = Faiss("IVF256,Flat", k=20, target_recall=0.9).index(corpus)
+    index.save(tmp_path / "tuned.safetensors")
+    loaded = Faiss.load(tmp_path / "tuned.safetensors")
+    assert loaded.nprobe == index.snapshot().default_nprobe
+    assert np.array_equal(loaded.search(queries).rows.numpy(), index.search(queries).rows.numpy())
+
+
+@pytest.mark.parametrize(("arguments", "error", "message"), [
+    ({"target_recall": 0.0}, ValueError, r"target_recall must lie in \(0.0, 1.0\]"),
+    ({"target_recall": 1.5}, ValueError, "target_recall must lie in"),
+    ({"target_recall": float("nan")}, ValueError, "target_recall must lie in"),
+    ({"target_recall": "0.9"}, TypeError, "target_recall must be a number"),
+    ({"target_recall": 0.9, "nprobe": 8}, ValueError, "give either those or target_recall"),
+    ({"tuning_queries": torch.zeros(3, 16)}, ValueError, "tuning_queries are for target_recall"),
+    ({"target_recall": 0.9, "tuning_queries": torch.zeros(3)}, ValueError, "tuning_queries"),
+    ({"target_recall": 0.9, "tuning_queries": torch.full((2, 16), float("nan"))}, ValueError, "tuning_queries"),
+])  # fmt: skip
+def test_bad_tuning_arguments_are_named(arguments: dict[str, object], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        Faiss("IVF64,Flat", **arguments)  # type: ignore[arg-type]
+
+
+def test_tuning_queries_of_another_dimension_are_refused_at_build() -> None:
+    index = Faiss("IVF64,Flat", target_recall=0.9, tuning_queries=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"tuning_queries must have the corpus's dimension 16, got shape \(3, 8\)"):
+        index.index(_clustered(n=5_000))
+
+
+def test_target_recall_refuses_an_index_without_a_breadth() -> None:
+    with pytest.raises(ValueError, match="target_recall tunes IVF and HNSW indexes, not 'PQ4x4fs'"):
+        Faiss("PQ4x4fs", target_recall=0.9).index(_clustered(n=5_000))

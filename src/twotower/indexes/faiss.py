@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from twotower._checks import require_finite
+from twotower._checks import require_finite, require_floating, require_number
 from twotower.ids import IdTable
 from twotower.indexes.base import (
     QueryEmbeddings,
@@ -93,11 +94,15 @@ class _FaissCorpus:
     dimension: int
     #: the factory string the index was built from (the chosen default when the constructor's was ``None``).
     factory: str
-    #: ``nprobe`` chosen with a default factory (``None`` otherwise).
+    #: ``nprobe`` chosen with a default factory or tuned for ``target_recall`` (``None`` otherwise).
     default_nprobe: int | None
     #: ``SearchParameters`` by ``(nprobe, ef_search, k_factor)``, each with the nested parameter objects that FAISS
     #: holds by raw pointer (kept alive here).
     parameters: dict[_Settings, tuple[Any, list[tuple[str, Any]]]]
+    #: ``ef_search`` tuned for ``target_recall`` (``None`` otherwise).
+    default_ef_search: int | None = None
+    #: recall@k the tuning measured on its queries (``None`` without ``target_recall``).
+    reached_recall: float | None = None
 
 
 class Faiss(SnapshotIndex[_FaissCorpus]):
@@ -117,6 +122,12 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
             base index proposes ``k_factor * k`` candidates by its approximate scores, and they are reranked by
             their exact inner products.
         seed: seed of the training sample.
+        target_recall: tune the index's search breadth (``nprobe`` of an IVF index, refined or not;
+            ``ef_search`` of HNSW) when it is built: the smallest setting whose recall@k (``k`` the index's) on
+            the tuning queries against exact search reaches it. :attr:`reached_recall` reports what was measured;
+            a target no setting reaches takes the widest setting, with a warning. A flat index is exact (1.0).
+        tuning_queries: ``[q, d]`` queries the tuning measures recall on; by default 500 corpus rows drawn with
+            ``seed``. Queries from the query tower measure what serving will see: pass a held-out sample of them.
 
     ``nprobe`` / ``ef_search`` / ``k_factor`` are the index's own settings; one search can use others by passing
     :class:`FaissSearchParameters` to :meth:`search`. Exclusions are applied by retrieving ``k`` plus the number
@@ -134,6 +145,8 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         ef_search: int | None = None,
         k_factor: int | None = None,
         seed: int = 0,
+        target_recall: float | None = None,
+        tuning_queries: torch.Tensor | None = None,
     ) -> None:
         super().__init__(k, query_model)
         if factory is not None and (not isinstance(factory, str) or not factory):
@@ -146,6 +159,20 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         self.nprobe = _check_optional_positive(nprobe, "nprobe")
         self.ef_search = _check_optional_positive(ef_search, "ef_search")
         self.k_factor = _check_optional_positive(k_factor, "k_factor")
+        self.target_recall = None
+        if target_recall is not None:
+            self.target_recall = require_number(target_recall, "target_recall", 0.0, 1.0, low_open=True)
+            if nprobe is not None or ef_search is not None:
+                raise ValueError("target_recall tunes nprobe / ef_search: give either those or target_recall")
+        self.tuning_queries = None
+        if tuning_queries is not None:
+            if self.target_recall is None:
+                raise ValueError("tuning_queries are for target_recall, which is not set")
+            tuning = require_floating(tuning_queries, "tuning_queries", (2,))
+            require_finite(tuning, "tuning_queries")
+            if tuning.shape[0] == 0:
+                raise ValueError("tuning_queries must hold at least one query, got shape (0, d)")
+            self.tuning_queries = np.ascontiguousarray(tuning.detach().cpu().to(torch.float32).numpy())
 
     def is_exact(self) -> bool:
         return False
@@ -158,6 +185,11 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
     def faiss_index(self) -> Any:
         """The underlying FAISS index (read it; changing it while queries run is not safe)."""
         return self.snapshot().index
+
+    @property
+    def reached_recall(self) -> float | None:
+        """recall@k measured when the index was tuned for ``target_recall`` (``None`` without it)."""
+        return self.snapshot().reached_recall
 
     @property
     def built_factory(self) -> str:
@@ -197,9 +229,66 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         index.add(matrix)
         corpus = _FaissCorpus(IdTable(values), index, int(index.ntotal), int(index.d), factory, default_nprobe, {})
         self._settings(corpus, None)  # refuse settings that do not apply to this index now, not at the first query
+        if self.target_recall is not None:
+            corpus = self._tuned(corpus, matrix, self.target_recall)
         # One assignment: a query running meanwhile keeps the snapshot it took.
         self._corpus = corpus
         return self
+
+    def _tuned(self, corpus: _FaissCorpus, matrix: np.ndarray, target: float) -> _FaissCorpus:
+        """``corpus`` with the narrowest search breadth whose recall@k reaches ``target`` on the tuning queries."""
+        from twotower.indexes.exact import BruteForce
+
+        if self.tuning_queries is not None:
+            if self.tuning_queries.shape[1] != corpus.dimension:
+                raise ValueError(
+                    f"tuning_queries must have the corpus's dimension {corpus.dimension}, "
+                    f"got shape {self.tuning_queries.shape}"
+                )
+            queries = self.tuning_queries
+        else:
+            rng = np.random.default_rng(self.seed)
+            queries = matrix[np.sort(rng.permutation(matrix.shape[0])[:_TUNING_QUERIES])]
+        k = min(self.k, corpus.count)
+        exact = BruteForce(k=k).index(torch.from_numpy(matrix)).search(torch.from_numpy(queries), k=k)
+        truth = exact.rows.numpy()
+        cells = _ivf_cells(corpus.index)
+        is_hnsw = _innermost_hnsw(corpus.index)
+        if cells is None and not is_hnsw:
+            if corpus.factory != "Flat":
+                raise ValueError(f"target_recall tunes IVF and HNSW indexes, not {corpus.factory!r}")
+            return replace(corpus, reached_recall=1.0)
+        name, widest = ("nprobe", cells) if cells is not None else ("ef_search", max(_WIDEST_EF_SEARCH, k))
+        assert widest is not None
+
+        def recall(breadth: int) -> float:
+            params = FaissSearchParameters(**{name: breadth})
+            _, rows = self._search_numpy(corpus, queries, k, None, params)
+            hits = sum(len(np.intersect1d(found, wanted)) for found, wanted in zip(rows, truth, strict=True))
+            return hits / truth.size
+
+        # Doubling to the first breadth that reaches the target, then bisection below it.
+        low, high = 0, 1
+        measured: dict[int, float] = {}
+        while True:
+            high = min(high, widest)
+            measured[high] = recall(high)
+            if measured[high] >= target or high == widest:
+                break
+            low, high = high, 2 * high
+        if measured[high] < target:
+            warnings.warn(
+                f"target_recall {target} is out of reach of {corpus.factory!r}: its widest search ({name} "
+                f"{widest}) reaches {measured[high]:.4f}",
+                stacklevel=3,
+            )
+        while high - low > 1:
+            middle = (low + high) // 2
+            measured[middle] = recall(middle)
+            low, high = (low, middle) if measured[middle] >= target else (middle, high)
+        if name == "nprobe":
+            return replace(corpus, default_nprobe=high, reached_recall=measured[high], parameters={})
+        return replace(corpus, default_ef_search=high, reached_recall=measured[high], parameters={})
 
     def check_params(self, params: SearchParameters | None) -> SearchParameters | None:
         if params is not None and not isinstance(params, FaissSearchParameters):
@@ -224,7 +313,7 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
             "factory": corpus.factory,
             "k": str(self.k),
             "nprobe": str(self.nprobe or corpus.default_nprobe or 0),
-            "ef_search": str(self.ef_search or 0),
+            "ef_search": str(self.ef_search or corpus.default_ef_search or 0),
             "k_factor": str(self.k_factor or 0),
             "train_size": str(self.train_size),
             **model_metadata,
@@ -323,7 +412,7 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         given = params if isinstance(params, FaissSearchParameters) else FaissSearchParameters()
         settings: _Settings = (
             given.nprobe or self.nprobe or corpus.default_nprobe,
-            given.ef_search or self.ef_search,
+            given.ef_search or self.ef_search or corpus.default_ef_search,
             given.k_factor or self.k_factor,
         )
         cached = corpus.parameters.get(settings)
@@ -379,6 +468,24 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
 def _faiss_message(error: Exception) -> str:
     """FAISS's error without its C++ source location ("Error in ... at faiss/x.cpp:66: Error: 'cond'")."""
     return str(error).split("Error: ", 1)[-1].strip()[:300]
+
+
+#: Corpus rows that measure recall for ``target_recall`` when no tuning queries are given.
+_TUNING_QUERIES = 500
+#: The widest ``ef_search`` the tuning tries for an HNSW index.
+_WIDEST_EF_SEARCH = 4096
+
+
+def _innermost_hnsw(index: Any) -> bool:
+    """Whether ``index``, or the index a refined or pre-transformed one wraps, is an HNSW index."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        return _innermost_hnsw(index.base_index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _innermost_hnsw(index.index)
+    return isinstance(index, faiss.IndexHNSW)
 
 
 def _ivf_cells(index: Any) -> int | None:
