@@ -265,15 +265,7 @@ class _InBatchSoftmax(torch.autograd.Function):
             if ctx.kept:
                 # In the products' dtype: the backward multiplies them as they are.
                 kept.append(logits.to(operands[0].dtype))
-        # Each row's maximum and log(sum(exp(l - max))) are kept apart: their sum would absorb the second when
-        # the maximum is MIN_FLOAT (a fully masked row).
-        positives, row_maxima, sums = (
-            pieces[0] if len(pieces) == 1 else tuple(torch.cat(column) for column in zip(*pieces, strict=True))
-        )
-        # log(sum) - (positive - max), Keras's order: with every logit of a row masked to MIN_FLOAT,
-        # max + log(sum) - positive rounds ln(nc) away (MIN_FLOAT + ln(nc) == MIN_FLOAT in float32).
-        log_sums = sums.log()
-        per_row: torch.Tensor = log_sums - (positives - row_maxima)
+        per_row, row_maxima, log_sums, sums = _per_row_losses(pieces)
         if ctx.kept:
             ctx.save_for_backward(queries, candidates, sums, *kept)
         else:
@@ -291,7 +283,7 @@ class _InBatchSoftmax(torch.autograd.Function):
         queries, candidates, log_normalisers = ctx.saved_tensors
         # d CE_i / d logit_ij = g_i (softmax_ij - [j == i]) / temperature; masked logits are constants.
         steps: LogitSteps = ctx.steps
-        scales = grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
+        scales = _row_scales(grad_per_row, steps)
         return _InBatchSoftmax._recomputed(
             queries, candidates, log_normalisers, steps, ctx.block_rows, scales,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1],
@@ -334,9 +326,7 @@ class _InBatchSoftmax(torch.autograd.Function):
                     unit_grad_queries[rows_of_block].mul_(inverse_sums)
                 if unit_grad_candidates_t is not None:
                     unit_grad_candidates_t.addmm_((block * inverse_sums).T, logits)
-        positives, row_maxima, sums = (
-            pieces[0] if len(pieces) == 1 else tuple(torch.cat(column) for column in zip(*pieces, strict=True))
-        )
+        per_row, row_maxima, log_sums, _ = _per_row_losses(pieces)
         unit_grad_candidates = None
         if unit_grad_candidates_t is not None:
             unit_grad_candidates = unit_grad_candidates_t.T.contiguous()
@@ -345,17 +335,15 @@ class _InBatchSoftmax(torch.autograd.Function):
                 unit_grad_queries.sub_(candidates[:num_queries])
             if unit_grad_candidates is not None:
                 unit_grad_candidates[:num_queries] -= queries
-        log_sums = sums.log()
         # The log-normalisers serve the recomputation of G^T diag(g) Q for unequal row weights.
         ctx.save_for_backward(queries, candidates, row_maxima + log_sums, unit_grad_queries, unit_grad_candidates)
-        per_row: torch.Tensor = log_sums - (positives - row_maxima)
         return per_row
 
     @staticmethod
     def _backward_eager(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         queries, candidates, log_normalisers, unit_grad_queries, unit_grad_candidates = ctx.saved_tensors
         steps: LogitSteps = ctx.steps
-        scales = grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
+        scales = _row_scales(grad_per_row, steps)
         scales = scales.to(queries.dtype)
         grad_queries = None if unit_grad_queries is None else unit_grad_queries * scales[:, None]
         grad_candidates = None
@@ -424,7 +412,7 @@ class _InBatchSoftmax(torch.autograd.Function):
     def _backward_kept(ctx: Any, grad_per_row: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         queries, candidates, sums, *kept = ctx.saved_tensors
         steps: LogitSteps = ctx.steps
-        scale = grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
+        scale = _row_scales(grad_per_row, steps)
         num_queries = queries.shape[0]
         product_queries, product_candidates = matmul_operands(queries, candidates, steps)
         need_queries, need_candidates = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -476,6 +464,28 @@ class _InBatchSoftmax(torch.autograd.Function):
             if grad_candidates is not None:
                 grad_candidates[:num_queries] -= scale[:, None] * queries
         return grad_queries, grad_candidates, None, None, None
+
+
+def _per_row_losses(
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(per-row loss, row maxima, log-sums, sums)``, each ``[nq]``, from the blocks' ``(positive logits,
+    row maxima, sums of exp(l - max))`` in row order."""
+    # Each row's maximum and log(sum(exp(l - max))) are kept apart: their sum would absorb the second when
+    # the maximum is MIN_FLOAT (a fully masked row).
+    positives, row_maxima, sums = (
+        pieces[0] if len(pieces) == 1 else tuple(torch.cat(column) for column in zip(*pieces, strict=True))
+    )
+    # log(sum) - (positive - max), Keras's order: with every logit of a row masked to MIN_FLOAT,
+    # max + log(sum) - positive rounds ln(nc) away (MIN_FLOAT + ln(nc) == MIN_FLOAT in float32).
+    log_sums = sums.log()
+    return log_sums - (positives - row_maxima), row_maxima, log_sums, sums
+
+
+def _row_scales(grad_per_row: torch.Tensor, steps: LogitSteps) -> torch.Tensor:
+    """``[nq]`` each row's upstream gradient over the temperature: d CE_i / d logit_ij is
+    ``scale_i (softmax_ij - [j == i])``."""
+    return grad_per_row / steps.temperature if steps.temperature is not None else grad_per_row
 
 
 def _row_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -237,8 +237,18 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
 
     def _tuned(self, corpus: _FaissCorpus, matrix: np.ndarray, target: float) -> _FaissCorpus:
         """``corpus`` with the narrowest search breadth whose recall@k reaches ``target`` on the tuning queries."""
+        from twotower.indexes.evaluation import recall_at_k
         from twotower.indexes.exact import BruteForce
 
+        # Which breadth the index takes, found as the search settings find it (refined and pre-transformed
+        # indexes unwrapped), before any exact search is paid for.
+        keep: list[tuple[str, Any]] = []
+        _search_parameters(corpus.index, None, None, None, keep)
+        kinds = {kind for kind, _ in keep}
+        if "ivf" not in kinds and "hnsw" not in kinds:
+            if corpus.factory != "Flat":
+                raise ValueError(f"target_recall tunes IVF and HNSW indexes, not {corpus.factory!r}")
+            return replace(corpus, reached_recall=1.0)
         if self.tuning_queries is not None:
             if self.tuning_queries.shape[1] != corpus.dimension:
                 raise ValueError(
@@ -253,19 +263,12 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         exact = BruteForce(k=k).index(torch.from_numpy(matrix)).search(torch.from_numpy(queries), k=k)
         truth = exact.rows.numpy()
         cells = _ivf_cells(corpus.index)
-        is_hnsw = _innermost_hnsw(corpus.index)
-        if cells is None and not is_hnsw:
-            if corpus.factory != "Flat":
-                raise ValueError(f"target_recall tunes IVF and HNSW indexes, not {corpus.factory!r}")
-            return replace(corpus, reached_recall=1.0)
         name, widest = ("nprobe", cells) if cells is not None else ("ef_search", max(_WIDEST_EF_SEARCH, k))
         assert widest is not None
 
         def recall(breadth: int) -> float:
             params = FaissSearchParameters(**{name: breadth})
-            _, rows = self._search_numpy(corpus, queries, k, None, params)
-            hits = sum(len(np.intersect1d(found, wanted)) for found, wanted in zip(rows, truth, strict=True))
-            return hits / truth.size
+            return recall_at_k(self._search_numpy(corpus, queries, k, None, params)[1], truth)
 
         # Doubling to the first breadth that reaches the target, then bisection below it.
         low, high = 0, 1
@@ -474,18 +477,6 @@ def _faiss_message(error: Exception) -> str:
 _TUNING_QUERIES = 500
 #: The widest ``ef_search`` the tuning tries for an HNSW index.
 _WIDEST_EF_SEARCH = 4096
-
-
-def _innermost_hnsw(index: Any) -> bool:
-    """Whether ``index``, or the index a refined or pre-transformed one wraps, is an HNSW index."""
-    import faiss
-
-    index = faiss.downcast_index(index)
-    if isinstance(index, faiss.IndexRefine):
-        return _innermost_hnsw(index.base_index)
-    if isinstance(index, faiss.IndexPreTransform):
-        return _innermost_hnsw(index.index)
-    return isinstance(index, faiss.IndexHNSW)
 
 
 def _ivf_cells(index: Any) -> int | None:
