@@ -327,6 +327,7 @@ def test_tuned_breadth_survives_save_and_load(tmp_path: Path) -> None:
     ({"tuning_queries": torch.zeros(3, 16)}, ValueError, "tuning_queries are for target_recall"),
     ({"target_recall": 0.9, "tuning_queries": torch.zeros(3)}, ValueError, "tuning_queries"),
     ({"target_recall": 0.9, "tuning_queries": torch.full((2, 16), float("nan"))}, ValueError, "tuning_queries"),
+    ({"target_recall": 0.9, "tuning_queries": torch.zeros(0, 16)}, ValueError, "tuning_queries must hold at least one"),
 ])  # fmt: skip
 def test_bad_tuning_arguments_are_named(arguments: dict[str, object], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
