@@ -6,7 +6,9 @@
 ScaNN (TFRS's approximate search, ``tfrs.layers.factorized_top_k.ScaNN``) lives in its own environment, built by
 ``benchmarks/scann_env.sh``; ``--scann`` adds its rows: one tree-AH searcher per corpus as TFRS's serving
 tutorial configures it (1,000 leaves, anisotropic hashing over 2-dimension blocks, exact reordering), timed at a
-sweep of leaves searched and reorder depths (per call, on the same searcher).
+sweep of leaves searched and reorder depths (per call, on the same searcher). twotower's ``AnisotropicIVF`` (the
+same scheme with its own native scan) is built once per corpus with 1,000 partitions and timed at the settings
+``target_recall=0.95`` chose and at the same sweep.
 
 Random vectors have no cluster structure and make every approximate index look bad. The corpora are built from
 the trained MovieLens 100K reference model (32-d): its 1,664 title embeddings, followed by perturbed copies of
@@ -45,7 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower.indexes import BruteForce, Faiss, FaissSearchParameters, TopK, recall_at_k
+from twotower.indexes import (
+    AnisotropicIVF,
+    AnisotropicSearchParameters,
+    BruteForce,
+    Faiss,
+    FaissSearchParameters,
+    TopK,
+    recall_at_k,
+)
 from twotower.workload import WorkloadConfig, train_and_evaluate
 
 # Per corpus, (factory, build options, per-call settings): each setting is timed on the same built index.
@@ -65,10 +75,17 @@ CONFIGS: dict[str, list[tuple[str, dict[str, Any], list[dict[str, int]]]]] = {
         ("HNSW32", {}, [{"ef_search": 512}]),
     ],
 }  # fmt: skip
+# twotower's AnisotropicIVF (ScaNN's scheme, a native scan): one build per corpus, 1,000 partitions as ScaNN's
+# below, timed at the settings target_recall=0.95 chooses (tuned on the odd-numbered users' embeddings, the
+# serving-time queries a user would hold out) and at the same sweep of partitions searched and reorder depths as
+# ScaNN's.
+ANISOTROPIC_TARGET = 0.95
+ANISOTROPIC_SETTINGS = [{"leaves_to_search": leaves, "reorder": reorder}
+                        for leaves in (25, 50, 75, 100, 150) for reorder in (250, 500, 750, 1000)]  # fmt: skip
 # ScaNN's searcher as TFRS's efficient-serving tutorial builds it, and the per-call settings swept on it.
 SCANN_LEAVES, SCANN_TRAINING_SAMPLE, SCANN_MAX_REORDER = 1000, 250_000, 1000
 SCANN_SETTINGS = [{"leaves_to_search": leaves, "pre_reorder_num_neighbors": reorder}
-                  for leaves in (25, 50, 75, 100, 150) for reorder in (250, 500, 1000)]  # fmt: skip
+                  for leaves in (25, 50, 75, 100, 150) for reorder in (250, 500, 750, 1000)]  # fmt: skip
 
 
 @dataclass
@@ -192,6 +209,28 @@ def _scann_rows(corpus: torch.Tensor, queries: torch.Tensor, truth: dict[int, to
     return rows
 
 
+def _anisotropic_rows(corpus: torch.Tensor, queries: torch.Tensor, truth: dict[int, torch.Tensor]) -> list[Row]:
+    """twotower's AnisotropicIVF (one build, tuned for ``ANISOTROPIC_TARGET`` on the odd-numbered queries) at its
+    tuned settings and at every setting of ``ANISOTROPIC_SETTINGS``."""
+    started = time.perf_counter()
+    index = AnisotropicIVF(
+        k=100, leaves=SCANN_LEAVES, target_recall=ANISOTROPIC_TARGET, tuning_queries=queries[1::2]
+    ).index(corpus)
+    build_seconds = time.perf_counter() - started
+    tuned = index.search_settings
+    settings: list[dict[str, int | None]] = [{"leaves_to_search": tuned.leaves_to_search, "reorder": tuned.reorder}]
+    rows = []
+    for number, setting in enumerate(settings + [s for s in ANISOTROPIC_SETTINGS if s != settings[0]]):
+        params = AnisotropicSearchParameters(**setting)
+        recalls = {k: recall_at_k(index.search(queries, k=k, params=params).ids, truth[k]) for k in (10, 100)}
+        search = lambda q, p=params: index.search(q, k=100, params=p)  # noqa: E731
+        label = f"target_recall={ANISOTROPIC_TARGET} chose " if number == 0 else ""
+        config = (f"AnisotropicIVF {label}leaves_to_search={setting['leaves_to_search']} "
+                  f"reorder={setting['reorder']}")  # fmt: skip
+        rows.append(Row("twotower", config, build_seconds, search, search, recalls[10], recalls[100], [], []))
+    return rows
+
+
 def compare(
     corpus: torch.Tensor,
     queries: torch.Tensor,
@@ -229,6 +268,7 @@ def compare(
             search = lambda q, s=setting, i=index: i.search(q, k=100, params=FaissSearchParameters(**s))  # noqa: E731
             # twotower's Faiss index: FAISS's search behind twotower's interface (ids, exclusions, checks).
             rows.append(Row("faiss", name, build_seconds, search, search, recall_10, recall_100, [], []))
+    rows += _anisotropic_rows(corpus, queries, truth)
     if args.scann:
         rows += _scann_rows(corpus, queries, truth, args.threads)
     for round_ in range(args.rounds):
@@ -239,11 +279,11 @@ def compare(
     single_medians = [statistics.median(row.single_rates) for row in rows]
     exact_rates = (max(batch_medians[:2]), max(single_medians[:2]))
     flat_rates = (batch_medians[1], single_medians[1])
-    header = f"{'library':<9}{'index':<52}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
+    header = f"{'library':<9}{'index':<64}{'build s':>8}{'batch q/s':>11}{'x exact':>8}{'x Flat':>8}"
     print(header + f"{'1-query q/s':>12}{'x exact':>8}{'x Flat':>8}{'recall@10':>11}{'recall@100':>12}")
     for row, batch, single in zip(rows, batch_medians, single_medians, strict=True):
         print(
-            f"{row.library:<9}{row.config:<52}{row.build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}"
+            f"{row.library:<9}{row.config:<64}{row.build_seconds:>8.1f}{batch:>11,.0f}{batch / exact_rates[0]:>8.2f}"
             f"{batch / flat_rates[0]:>8.1f}{single:>12,.0f}{single / exact_rates[1]:>8.1f}"
             f"{single / flat_rates[1]:>8.1f}{row.recall_at_10:>11.4f}{row.recall_at_100:>12.4f}"
         )

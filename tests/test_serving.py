@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from twotower import BruteForce
 from twotower.data.movielens import Vocabulary
-from twotower.indexes import Faiss
+from twotower.indexes import AnisotropicIVF, Faiss
 from twotower.serving import BundleError, MicroBatcher, Query, _Tower, create_app, load_bundle, save_bundle
 
 USERS = Vocabulary([f"u{i}" for i in range(40)])
@@ -27,7 +27,13 @@ def _bundle(directory: Path, kind: str = "exact") -> tuple[Path, nn.Embedding, t
     torch.manual_seed(0)
     tower = nn.Embedding(len(USERS), 8)
     items = torch.randn(300, 8)
-    index = BruteForce(k=10).index(items, ITEMS) if kind == "exact" else Faiss("Flat").index(items, ITEMS)
+    index: BruteForce | Faiss | AnisotropicIVF
+    if kind == "exact":
+        index = BruteForce(k=10).index(items, ITEMS)
+    elif kind == "faiss":
+        index = Faiss("Flat").index(items, ITEMS)
+    else:  # every partition scanned, every candidate reordered: exact answers from the approximate index
+        index = AnisotropicIVF(k=10, leaves=5, leaves_to_search=5, reorder=300).index(items, ITEMS)
     seen = {"u3": ["item-1", "item-2"]}
     return save_bundle(directory / "bundle", _Tower(tower), index, USERS, seen, {"name": "test"}), tower, items
 
@@ -83,7 +89,17 @@ def test_body_size_is_bounded(tmp_path: Path) -> None:
     assert response.status_code == 413
 
 
-@pytest.mark.parametrize("kind", ["exact", "faiss"])
+def test_anisotropic_bundle_serves_with_exclusions(tmp_path: Path) -> None:
+    directory, tower, items = _bundle(tmp_path, "anisotropic")
+    client = TestClient(create_app(load_bundle(directory)))
+    assert client.get("/healthz").json() == {"status": "ok", "candidates": 300, "exact": False}
+    response = client.post("/recommend", json={"user_id": "u7", "k": 5})
+    assert [item["id"] for item in response.json()["items"]] == _expected(tower, items, "u7", 5, [])
+    response = client.post("/recommend", json={"user_id": "u3", "k": 4})
+    assert [item["id"] for item in response.json()["items"]] == _expected(tower, items, "u3", 4, ["item-1", "item-2"])
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss", "anisotropic"])
 def test_bundle_round_trip_is_bit_identical(tmp_path: Path, kind: str) -> None:
     directory, tower, _ = _bundle(tmp_path, kind)
     bundle = load_bundle(directory)

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
-_SOURCES = ("topk.c", "softmax.c")
+#: The C files compiled into the library, and the headers they include.
+_SOURCES = ("topk.c", "softmax.c", "ivf.c")
+_HEADERS = ("heap.h",)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -49,6 +51,16 @@ def _cache_dir() -> Path:
     if root:
         return Path(root)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twotower"
+
+
+class IvfIndex(ctypes.Structure):
+    """The built index as ``native/ivf.c``'s ``ivf_index`` reads it: the arrays' addresses and sizes."""
+
+    _fields_ = [
+        *[(name, ctypes.c_void_p) for name in ("centroid_columns", "leaf_offsets", "leaf_blocks", "codes",
+                                              "codebooks", "vectors", "rows")],
+        *[(name, ctypes.c_int64) for name in ("leaves", "subspaces", "sub_dim", "d")],
+    ]  # fmt: skip
 
 
 class UnsafeCacheError(OSError):
@@ -108,8 +120,9 @@ def _build(compiler: str, sources: dict[str, str], library: Path) -> None:
     with tempfile.TemporaryDirectory(dir=library.parent) as build:
         paths = []
         for name, text in sources.items():
-            paths.append(Path(build) / name)
-            paths[-1].write_text(text)
+            (Path(build) / name).write_text(text)
+            if name.endswith(".c"):
+                paths.append(Path(build) / name)
         output = Path(build) / library.name
         subprocess.run(
             [compiler, *_FLAGS, *map(str, paths), "-o", str(output), "-lm"],
@@ -138,6 +151,10 @@ _SIGNATURES: dict[str, list[Any]] = {
     "twotower_topk_finish": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3],
     "twotower_pair_scores": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                              ctypes.c_int64],
+    "twotower_ivf_search": [
+        ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64,
+    ],
     "twotower_softmax_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int64],
     "twotower_softmax_rows_bf16": [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
@@ -161,7 +178,9 @@ def load() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-    sources = {name: resources.files("twotower").joinpath(f"native/{name}").read_text() for name in _SOURCES}
+    sources = {
+        name: resources.files("twotower").joinpath(f"native/{name}").read_text() for name in (*_SOURCES, *_HEADERS)
+    }
     key = hashlib.sha256("\n".join([*sources.values(), compiler, *_FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
     library = _cache_dir() / "native" / key / "libtwotower.so"
     try:
@@ -187,6 +206,7 @@ def load() -> ctypes.CDLL | None:
             function = getattr(kernel, name)
             function.restype = None
             function.argtypes = argtypes
+        kernel.twotower_ivf_search.restype = ctypes.c_int  # 1: out of memory
         kernel.twotower_softmax_rows_vectorized.restype = ctypes.c_int
         kernel.twotower_softmax_rows_vectorized.argtypes = []
     except AttributeError as error:

@@ -35,7 +35,7 @@ from torch import nn
 
 from twotower._checks import ends_in_nul
 from twotower._files import parse_json, read_verified_directory, write_manifest_directory
-from twotower.indexes import BruteForce, Faiss, TopK
+from twotower.indexes import AnisotropicIVF, BruteForce, Faiss, TopK
 from twotower.towers import TowerFormatError, build_tower, describe_tower, tower_tensors
 from twotower.vocabulary import Vocabulary
 
@@ -72,6 +72,14 @@ def _Tower(embedding: nn.Embedding) -> nn.Sequential:  # noqa: N802 (kept for co
     return nn.Sequential(embedding)
 
 
+#: The index kinds a bundle can hold, by the name metadata.json records.
+_INDEX_KINDS: dict[str, type[BruteForce] | type[Faiss] | type[AnisotropicIVF]] = {
+    "BruteForce": BruteForce,
+    "Faiss": Faiss,
+    "AnisotropicIVF": AnisotropicIVF,
+}
+
+
 def save_bundle(
     directory: str | os.PathLike[str],
     query_tower: nn.Module,
@@ -92,7 +100,8 @@ def save_bundle(
             replaced).
         query_tower: maps ``[b]`` int64 vocabulary rows to ``[b, d]`` embeddings; a chain of ``nn.Embedding``,
             ``nn.Linear`` and ``nn.ReLU`` (an ``nn.Sequential``, or one ``nn.Embedding``).
-        index: a built :class:`BruteForce` or :class:`Faiss` index whose ids are the items.
+        index: a built :class:`BruteForce`, :class:`Faiss` or :class:`AnisotropicIVF` index whose ids are the
+            items.
         query_vocabulary: the vocabulary of query ids (row 0 is out-of-vocabulary).
         seen: items to exclude per query id (e.g. the user's training items).
         metadata: free-form JSON-serialisable description.
@@ -105,8 +114,8 @@ def save_bundle(
         the bundle's path. Its ``manifest.json``'s SHA-256 (:attr:`Bundle.manifest_sha256` once loaded) pins
         this exact bundle: pass it to :func:`load_bundle` as ``expected_manifest_sha256``.
     """
-    if not isinstance(index, (BruteForce, Faiss)):
-        raise TypeError(f"index must be a BruteForce or Faiss index, got {type(index).__name__}")
+    if not isinstance(index, (BruteForce, Faiss, AnisotropicIVF)):
+        raise TypeError(f"index must be a BruteForce, Faiss or AnisotropicIVF index, got {type(index).__name__}")
     if not isinstance(query_vocabulary, Vocabulary):
         raise TypeError(f"query_vocabulary must be a Vocabulary, got {type(query_vocabulary).__name__}")
     if item_titles is not None and not isinstance(item_titles, dict):
@@ -399,15 +408,17 @@ def load_bundle(
     if missing:
         raise BundleError(f"{directory} is not a complete bundle: the manifest does not list {missing}")
     info = parse_json(contents["metadata.json"], f"{directory}/metadata.json", BundleError)
-    if not isinstance(info, dict) or info.get("index_kind") not in ("BruteForce", "Faiss") or "tower" not in info:
-        raise BundleError(f"{directory}/metadata.json must name the index kind (BruteForce or Faiss) and the tower")
+    if not isinstance(info, dict) or info.get("index_kind") not in _INDEX_KINDS or "tower" not in info:
+        raise BundleError(
+            f"{directory}/metadata.json must name the index kind ({', '.join(_INDEX_KINDS)}) and the tower"
+        )
     try:
         tower = build_tower(info["tower"], load_tensors(contents["tower.safetensors"]))
     except (TowerFormatError, SafetensorError) as error:
         raise BundleError(
             f"{directory}/tower.safetensors does not hold the tower metadata.json describes: {error}"
         ) from error
-    index_type = Faiss if info["index_kind"] == "Faiss" else BruteForce
+    index_type = _INDEX_KINDS[info["index_kind"]]
     try:
         index: TopK = index_type.load(directory / "index.safetensors")
     except ValueError as error:

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import torch
 
+from twotower._checks import require_finite, require_floating
 from twotower.ids import Ids
 from twotower.indexes.base import TopK
 
@@ -39,3 +40,18 @@ def recall_at_k(found: Ids, truth: Ids) -> float:
         raise ValueError("truth must hold at least one id per row")
     hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(truth_np, found_np, strict=True)]
     return float(np.mean(hits)) / int(truth_np.shape[1])
+
+
+def checked_tuning_queries(tuning_queries: torch.Tensor | None, target_recall: float | None) -> np.ndarray | None:
+    """``tuning_queries`` (the queries an index's ``target_recall`` tuning measures recall on) as a float32
+    C-contiguous ``[q, d]`` array, refused by name unless they are a finite, non-empty floating-point matrix given
+    with a ``target_recall``; ``None`` when none are given."""
+    if tuning_queries is None:
+        return None
+    if target_recall is None:
+        raise ValueError("tuning_queries are for target_recall, which is not set")
+    tuning = require_floating(tuning_queries, "tuning_queries", (2,))
+    require_finite(tuning, "tuning_queries")
+    if tuning.shape[0] == 0:
+        raise ValueError("tuning_queries must hold at least one query, got shape (0, d)")
+    return np.ascontiguousarray(tuning.detach().cpu().to(torch.float32).numpy())

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower._checks import require_finite, require_floating, require_number
+from twotower._checks import require_finite, require_number
 from twotower.ids import IdTable
 from twotower.indexes.base import (
     QueryEmbeddings,
@@ -28,6 +28,7 @@ from twotower.indexes.base import (
     check_k,
     on_device,
 )
+from twotower.indexes.evaluation import checked_tuning_queries
 from twotower.indexes.files import (
     ids_from_tensors,
     ids_to_tensors,
@@ -164,15 +165,7 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
             self.target_recall = require_number(target_recall, "target_recall", 0.0, 1.0, low_open=True)
             if nprobe is not None or ef_search is not None:
                 raise ValueError("target_recall tunes nprobe / ef_search: give either those or target_recall")
-        self.tuning_queries = None
-        if tuning_queries is not None:
-            if self.target_recall is None:
-                raise ValueError("tuning_queries are for target_recall, which is not set")
-            tuning = require_floating(tuning_queries, "tuning_queries", (2,))
-            require_finite(tuning, "tuning_queries")
-            if tuning.shape[0] == 0:
-                raise ValueError("tuning_queries must hold at least one query, got shape (0, d)")
-            self.tuning_queries = np.ascontiguousarray(tuning.detach().cpu().to(torch.float32).numpy())
+        self.tuning_queries = checked_tuning_queries(tuning_queries, self.target_recall)
 
     def is_exact(self) -> bool:
         return False
