@@ -58,10 +58,10 @@ CODEBOOK_SAMPLE = 100_000
 TUNING_QUERIES = 500
 #: Reorder depths the tuning tries, as multiples of ``k``.
 REORDER_FACTORS = (1, 2, 4, 8, 16, 32)
-#: The tuning's cost of rescoring one candidate exactly, in units of scanning one candidate's codes (measured
-#: with ``benchmarks/ann.py``: a rescore reads a float32 row from memory at a random place, a scan reads half a
-#: byte per subspace in order).
-REORDER_COST = 24.0
+#: The tuning's cost of rescoring one candidate exactly, in units of scanning one candidate's codes: a rescore
+#: reads a float32 row at a random place in memory (about 80 ns on the 2-core machine of ``benchmarks/ann.py``,
+#: 1M x 32), a scan half a byte per subspace in order (about 0.65 ns there).
+REORDER_COST = 120.0
 
 
 def default_leaves(num_candidates: int) -> int:

@@ -25,6 +25,9 @@
 #include "heap.h"
 
 #define BLOCK 32
+/* how many candidates ahead the exact reorder requests vectors: enough to overlap the misses, few enough that
+ * the requests are not dropped (requesting every candidate's vector at once was slower) */
+#define AHEAD 24
 /* bins of the candidate buffer's score histogram (scores within this many units of the best) */
 #define HISTOGRAM 8192
 
@@ -292,16 +295,20 @@ static void search_one(const float *query, int64_t d, const float *centroid_colu
     }
 
     /* 4. the exact reorder. The candidates lie at random places among the scanned partitions' vectors and each
-     * read misses the cache: every candidate's vector is requested first, so that the misses overlap, then
-     * scored. The heap orders by (score, position); the corpus rows (another random read each) are looked up
+     * read misses the cache: vectors are requested AHEAD candidates before they are scored, so that the misses
+     * overlap. The heap orders by (score, position); the corpus rows (another random read each) are looked up
      * for the k kept only (and for every candidate when some are excluded). */
     int64_t filled = 0;
     float threshold = -INFINITY;
-    for (int64_t i = 0; i < cands.filled; ++i) {
+    for (int64_t i = 0; i < cands.filled && i < AHEAD; ++i) {
         const char *vector = (const char *)(vectors + (int64_t)(uint32_t)cands.buf[i] * d);
         for (int64_t byte = 0; byte < d * (int64_t)sizeof(float); byte += 64) __builtin_prefetch(vector + byte);
     }
     for (int64_t i = 0; i < cands.filled; ++i) {
+        if (i + AHEAD < cands.filled) {
+            const char *vector = (const char *)(vectors + (int64_t)(uint32_t)cands.buf[i + AHEAD] * d);
+            for (int64_t byte = 0; byte < d * (int64_t)sizeof(float); byte += 64) __builtin_prefetch(vector + byte);
+        }
         int64_t position = (int64_t)(uint32_t)cands.buf[i];
         float s = dot(query, vectors + position * d, d);
         if (filled == k && !(s > threshold || (s == threshold && position < out_rows[0]))) continue;
