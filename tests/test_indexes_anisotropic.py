@@ -160,6 +160,16 @@ def test_scalar_kernel_matches_the_vectorized_one(tmp_path: Path) -> None:
     np.testing.assert_allclose(portable.scores.numpy(), vectorized.scores.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_score_pairs_ties_with_the_search(backend: str) -> None:
+    corpus, queries = _clustered(n=3000, d=10)  # padded to 16: the pair scores must be padded the same way
+    index = AnisotropicIVF(k=5, leaves=10, leaves_to_search=3, reorder=50).index(corpus)
+    found = index.search(queries)
+    pairs = index.score_pairs(queries.repeat_interleave(5, 0), corpus[found.rows.reshape(-1)])
+    assert torch.equal(pairs.reshape(found.scores.shape), found.scores)
+    exact = (queries.double().repeat_interleave(5, 0) * corpus[found.rows.reshape(-1)].double()).sum(1)
+    torch.testing.assert_close(pairs.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_exclusions_and_string_ids(backend: str) -> None:
     corpus, queries = _clustered(n=3000)
     ids = np.array([f"item{i}" for i in range(corpus.shape[0])])

@@ -370,7 +370,9 @@ class AnisotropicIVF(SnapshotIndex[_AnisotropicCorpus]):
         corpus = self.snapshot()
         checked = isinstance(queries, QueryEmbeddings)
         embeddings = self.embed_queries(queries).embeddings if checked else self._unchecked_embeddings(queries)
-        matrix = np.ascontiguousarray(embeddings.to("cpu", torch.float32).numpy())
+        device = embeddings.device
+        on_cpu = device.type == "cpu"
+        matrix = np.ascontiguousarray((embeddings if on_cpu else embeddings.cpu()).numpy(), dtype=np.float32)
         if not np.isfinite(matrix).all():
             require_finite(embeddings, "queries")  # raises, with the count of bad values
             raise ValueError("queries overflow float32, the precision AnisotropicIVF searches in")
@@ -378,11 +380,10 @@ class AnisotropicIVF(SnapshotIndex[_AnisotropicCorpus]):
         excluded = None if exclusions is None else corpus.ids.excluded_rows(exclusions, matrix.shape[0]).numpy()
         leaves, depth = _settings(corpus, self.check_params(params))
         scores, rows = _search_arrays(corpus, matrix, k, excluded, leaves, depth)
-        device = embeddings.device
+        if on_cpu:
+            return SearchResult(torch.from_numpy(scores), corpus.ids.take_numpy(rows), torch.from_numpy(rows))
         return SearchResult(
-            on_device(torch.from_numpy(scores), device),
-            corpus.ids.take_numpy(rows, device),
-            on_device(torch.from_numpy(rows), device),
+            torch.from_numpy(scores).to(device), corpus.ids.take_numpy(rows, device), torch.from_numpy(rows).to(device)
         )
 
     def search_snapshot(
@@ -401,6 +402,20 @@ class AnisotropicIVF(SnapshotIndex[_AnisotropicCorpus]):
         scores, rows = _search_arrays(snapshot, matrix, k, excluded, leaves, depth)
         device = embeddings.device
         return on_device(torch.from_numpy(scores), device), on_device(torch.from_numpy(rows), device)
+
+    def score_pairs(self, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Rowwise ``q_i . c_i`` ``[n]`` with the arithmetic of this index's exact reorder (the padded float32 dot
+        product of the native kernel, or the torch path's sum): a candidate scored this way ties exactly with
+        its own copy in the corpus."""
+        corpus = self.snapshot()
+        padded_queries = _padded(corpus, queries.detach().to("cpu", torch.float32).numpy())
+        padded_candidates = _padded(corpus, candidates.detach().to("cpu", torch.float32).numpy())
+        kernel = _native.load()
+        if kernel is not None:
+            scores = _native.pair_scores(kernel, torch.from_numpy(padded_queries), torch.from_numpy(padded_candidates))
+        else:
+            scores = torch.from_numpy(_exact_scores(padded_candidates, padded_queries))
+        return scores.to(queries.device)
 
     # -- files ----------------------------------------------------------------------------------------------------
 
@@ -601,10 +616,17 @@ def _search_torch(
         if excluded is not None:
             keep = ~np.isin(found, excluded[i])
             kept, found = kept[keep], found[keep]
-        exact = corpus.vectors[kept] @ query
+        exact = _exact_scores(corpus.vectors[kept], query[None, :])
         order = np.lexsort((found, -exact))[:k]
         scores[i, : order.size], rows[i, : order.size] = exact[order], found[order]
     return scores, rows
+
+
+def _exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``[n]`` float32 rowwise dot products of ``vectors`` ``[n, D]`` with ``queries`` (``[n, D]`` or ``[1, D]``):
+    the torch path's exact scores, one arithmetic for the reorder and :meth:`AnisotropicIVF.score_pairs`."""
+    scores: np.ndarray = np.multiply(vectors, queries, dtype=np.float32).sum(axis=1, dtype=np.float32)
+    return scores
 
 
 def _unpacked_codes(corpus: _AnisotropicCorpus) -> np.ndarray:

@@ -329,6 +329,29 @@ static void search_one(const float *query, int64_t d, const float *centroid_colu
     }
 }
 
+/* Each thread's working memory, kept between calls and grown when a call needs more: a one-query search
+ * allocates nothing (allocating and freeing the candidate buffer each call cost page faults). It is held until
+ * the process ends, at most a few times `reorder` * 64 bytes per thread. */
+typedef struct {
+    float *leaf_scores, *leaf_values;
+    int64_t *leaf_ids;
+    uint8_t *luts;
+    uint64_t *buf;
+    uint32_t *histogram;
+    size_t leaf_scores_size, leaf_values_size, leaf_ids_size, luts_size, buf_size, histogram_size;
+} workspace;
+
+static __thread workspace thread_workspace;
+
+/* Make *p hold at least `size` bytes (its contents need not survive); 0 when memory runs out. */
+static int reserve(void **p, size_t *capacity, size_t size) {
+    if (*capacity >= size && *p != NULL) return 1;
+    free(*p);
+    *p = malloc(size ? size : 1);
+    *capacity = *p != NULL ? size : 0;
+    return *p != NULL;
+}
+
 /* The built index, as the Python side lays it out once per index (one pointer per call instead of ten
  * arguments): centroid_columns [d, leaves]; leaf_offsets [leaves + 1] positions in partition order; leaf_blocks
  * [leaves] the first block of each partition; codes [blocks, subspaces / 2, 32]; codebooks [subspaces, 16,
@@ -358,13 +381,13 @@ int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (nq > 1)
     {
-        float *leaf_scores = malloc(sizeof(float) * leaves);
-        float *leaf_values = malloc(sizeof(float) * leaves_to_search);
-        int64_t *leaf_ids = malloc(sizeof(int64_t) * leaves_to_search);
-        uint8_t *luts = calloc((size_t)(subspaces / 4) * 128, 1);
-        uint64_t *buf = malloc(sizeof(uint64_t) * capacity);
-        uint32_t *histogram = malloc(sizeof(uint32_t) * HISTOGRAM);
-        int ok = leaf_scores && leaf_values && leaf_ids && luts && buf && histogram;
+        workspace *w = &thread_workspace;
+        int ok = reserve((void **)&w->leaf_scores, &w->leaf_scores_size, sizeof(float) * leaves) &&
+                 reserve((void **)&w->leaf_values, &w->leaf_values_size, sizeof(float) * leaves_to_search) &&
+                 reserve((void **)&w->leaf_ids, &w->leaf_ids_size, sizeof(int64_t) * leaves_to_search) &&
+                 reserve((void **)&w->luts, &w->luts_size, (size_t)(subspaces / 4) * 128) &&
+                 reserve((void **)&w->buf, &w->buf_size, sizeof(uint64_t) * capacity) &&
+                 reserve((void **)&w->histogram, &w->histogram_size, sizeof(uint32_t) * HISTOGRAM);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -375,15 +398,9 @@ int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq
             search_one(queries + q * d, d, index->centroid_columns, leaves, index->leaf_blocks, index->leaf_offsets,
                        index->codes, index->codebooks, subspaces, index->sub_dim, index->vectors, index->rows,
                        leaves_to_search, reorder, k, excluded ? excluded + q * excluded_width : NULL, excluded_width,
-                       out_scores + q * k, out_rows + q * k, leaf_scores, leaf_values, leaf_ids, luts, buf, histogram,
-                       capacity);
+                       out_scores + q * k, out_rows + q * k, w->leaf_scores, w->leaf_values, w->leaf_ids, w->luts,
+                       w->buf, w->histogram, capacity);
         }
-        free(leaf_scores);
-        free(leaf_values);
-        free(leaf_ids);
-        free(luts);
-        free(buf);
-        free(histogram);
     }
     return failed;
 }
