@@ -18,6 +18,7 @@ import pytest
 
 from twotower.cli import main
 from twotower.data import InteractionsError
+from twotower.indexes import BruteForce
 from twotower.pipeline import (
     PipelineConfig,
     load_config,
@@ -379,3 +380,36 @@ def test_sparse_embeddings_train_the_same_model() -> None:
         )
     for key in ("model/recall@10", "model/recall@100"):
         assert sparse_run.results["test"][key] == pytest.approx(dense.results["test"][key], abs=1e-3)
+
+
+def test_serving_index_approximate_bundles_a_tuned_anisotropic_index(tmp_path: Path) -> None:
+    """--serving-index approximate: the bundle holds an AnisotropicIVF tuned for the target recall on users'
+    embeddings; its answers are nearly the exact ranking of the saved model (computed here with numpy)."""
+    from twotower.indexes import AnisotropicIVF
+    from twotower.pipeline.runs import item_id_index
+
+    rows = _rows(seed=2)
+    config = PipelineConfig(
+        interactions=str(_write_csv(tmp_path / "events.csv", rows)), user_col="customer", item_col="sku",
+        time_col="ts", split="last-n", last_n=2, validation_fraction=0.0, patience=0, epochs=6, batch_size=512,
+        embedding_dim=16, serving_index="approximate", serving_target_recall=0.9,
+    )  # fmt: skip
+    trained = train(config, progress=False, say=lambda line: None)
+    index = item_id_index(trained.model, trained.prepared, config)
+    assert isinstance(index, AnisotropicIVF)
+    assert index.reached_recall is not None
+    assert index.reached_recall >= 0.9
+    assert isinstance(item_id_index(trained.model, trained.prepared, config.replace(serving_index="auto")), BruteForce)
+    save_run(tmp_path / "run", trained)
+    bundle = load_bundle(tmp_path / "run" / "bundle")
+    assert isinstance(bundle.index, AnisotropicIVF)
+    users = trained.model.user_embedding.weight.detach().double().numpy()
+    items = trained.model.item_embedding.weight[1:].detach().double().numpy()
+    names = np.asarray(trained.prepared.items.values)
+    overlap = []
+    for user in ["C0001", "C0002", "C0007", "C0100"]:
+        row = int(trained.prepared.users.lookup([user])[0])
+        exact = set(names[np.argsort(-(items @ users[row]), kind="stable")[:10]].tolist())
+        found = {item for item, _ in bundle.recommend(user, k=10, exclude_seen=False)}
+        overlap.append(len(found & exact) / 10)
+    assert np.mean(overlap) >= 0.8

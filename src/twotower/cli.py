@@ -155,6 +155,12 @@ _PIPELINE_FLAGS: tuple[tuple[str, Any, str], ...] = (
     ("sparse_embeddings", _on_off, "sparse embedding gradients, Adagrad on the batch's rows only (large catalogues)"),
     ("patience", int, "early stopping: epochs without a better validation Recall@K (0: off)"),
     ("early_stopping_k", _positive_int, "the K of early stopping's Recall@K"),
+    (
+        "serving_index",
+        str,
+        "the run's serving index: exact, approximate (AnisotropicIVF) or auto (approximate from 100,000 items)",
+    ),
+    ("serving_target_recall", float, "recall@100 the approximate serving index is tuned for, in (0, 1]"),
     ("out", str, "the run directory to write"),
 )
 

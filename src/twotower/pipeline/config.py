@@ -56,6 +56,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "seed",
     ),
     "evaluation": ("ks", "eval_batch_size"),
+    "serving": ("serving_index", "serving_target_recall"),
     "run": ("out",),
 }
 #: The settings that take one of a few words, and those words.
@@ -67,6 +68,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "negatives": ("in-batch", "mixed"),
     "precision": ("float32", "bf16"),
     "optimizer": OPTIMIZERS,
+    "serving_index": ("auto", "exact", "approximate"),
 }
 #: Settings that name files: resolved against the config file's folder, saved absolute.
 _PATHS = ("interactions", "items", "data_dir", "out")
@@ -130,6 +132,8 @@ class PipelineConfig:
     seed: int = 0
     ks: tuple[int, ...] = (10, 50, 100)
     eval_batch_size: int = 4096
+    serving_index: str = "auto"
+    serving_target_recall: float = 0.95
     out: str = ""
 
     def __post_init__(self) -> None:
@@ -161,6 +165,8 @@ class PipelineConfig:
         for name in ("learning_rate", "init_scale"):
             if not 0 < getattr(self, name) < float("inf"):
                 raise ConfigError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 < self.serving_target_recall <= 1:
+            raise ConfigError(f"serving_target_recall must lie in (0, 1], got {self.serving_target_recall}")
         if not self.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.ks):
             raise ConfigError(f"ks must be a non-empty list of positive ints, got {list(self.ks)}")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from twotower._files import parse_json, read_verified_directory, write_manifest_directory
-from twotower.indexes import BruteForce
+from twotower.indexes import AnisotropicIVF, BruteForce
 from twotower.pipeline.config import ConfigError, PipelineConfig, load_config, make_config, resolved
 from twotower.pipeline.evaluation import evaluate_part
 from twotower.pipeline.model import IdRetrievalModel
@@ -135,11 +135,35 @@ def _seen_by_id(prepared: PreparedInteractions) -> dict[str, list[str]]:
     return seen
 
 
-def item_id_index(model: IdRetrievalModel, prepared: PreparedInteractions) -> BruteForce:
-    """An exact index of every item (rows 1..), with the item ids as its ids."""
+#: With ``serving_index = "auto"``, catalogues of at least this many items are served by an approximate index.
+APPROXIMATE_FROM = 100_000
+#: Users whose embeddings tune an approximate serving index for its target recall.
+TUNING_USERS = 500
+
+
+def item_id_index(
+    model: IdRetrievalModel, prepared: PreparedInteractions, config: PipelineConfig | None = None
+) -> BruteForce | AnisotropicIVF:
+    """The serving index of every item (rows 1..), with the item ids as its ids: exact, or (``serving_index``
+    ``"approximate"``, or ``"auto"`` from :data:`APPROXIMATE_FROM` items) an :class:`AnisotropicIVF` tuned for
+    ``serving_target_recall`` on the embeddings of up to :data:`TUNING_USERS` users, the queries it will serve."""
     with torch.no_grad():
         embeddings = model.item_embedding.weight[1:].detach().clone()
-    return BruteForce(k=100).index(embeddings, np.asarray(prepared.items.values))
+        users = model.user_embedding.weight[1:].detach()
+    ids = np.asarray(prepared.items.values)
+    kind = "exact" if config is None else config.serving_index
+    if kind == "auto":
+        kind = "approximate" if embeddings.shape[0] >= APPROXIMATE_FROM else "exact"
+    if kind == "exact":
+        return BruteForce(k=100).index(embeddings, ids)
+    assert config is not None
+    generator = torch.Generator().manual_seed(config.seed)
+    tuning = users[torch.randperm(users.shape[0], generator=generator)[:TUNING_USERS]].clone()
+    index = AnisotropicIVF(
+        k=min(100, embeddings.shape[0]), target_recall=config.serving_target_recall, tuning_queries=tuning,
+        seed=config.seed,
+    )  # fmt: skip
+    return index.index(embeddings, ids)
 
 
 def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite: bool = False) -> Path:
@@ -172,7 +196,7 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
         save_bundle(
             building / "bundle",
             _Tower(trained.model.user_embedding),
-            item_id_index(trained.model, trained.prepared),
+            item_id_index(trained.model, trained.prepared, config),
             trained.prepared.users,
             _seen_by_id(trained.prepared),
             {"pipeline": RUN_FORMAT, "config": asdict(config)},
