@@ -18,7 +18,6 @@ from twotower.indexes import (
     AnisotropicSearchParameters,
     BruteForce,
     FaissSearchParameters,
-    anisotropic,
     recall_at_k,
 )
 from twotower.indexes.files import load_index_file, save_index_file
@@ -98,7 +97,7 @@ def test_native_candidates_are_the_best_by_the_integer_lookup_tables() -> None:
     queries = torch.randn(30, 32, generator=generator)
     index = AnisotropicIVF(k=10, leaves=1).index(corpus)
     state = index.snapshot()
-    codes = anisotropic._unpacked_codes(state).astype(np.int64)  # [n, M] in partition order
+    codes = state.unpacked_codes.astype(np.int64)  # [n, M] in partition order
     subspaces, _, sub_dim = state.codebooks.shape
     checked = 0
     for query in queries.numpy():
@@ -188,6 +187,16 @@ def test_exclusions_and_string_ids(backend: str) -> None:
     assert result.rows[0].tolist()[2:] == [-1, -1]
     assert torch.isinf(result.scores[0, 2:]).all()
     assert sorted(result.rows[0, :2].tolist()) == [2, 3]
+
+
+def test_queries_in_other_float_dtypes_are_searched_in_float32(backend: str) -> None:
+    corpus, queries = _clustered(n=2000)
+    index = AnisotropicIVF(k=5, leaves=10, leaves_to_search=4, reorder=100).index(corpus)
+    for dtype in (torch.bfloat16, torch.float64):
+        found = index.search(queries.to(dtype))
+        expected = index.search(queries.to(dtype).to(torch.float32))
+        assert torch.equal(found.rows, expected.rows)
+        assert torch.equal(found.scores, expected.scores)
 
 
 def test_odd_dimension_is_padded_and_exact_at_full_breadth(backend: str) -> None:

@@ -46,6 +46,11 @@ def require_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def optional_positive_int(value: Any, name: str) -> int | None:
+    """:func:`require_positive_int`, letting ``None`` (a setting left to its default) through."""
+    return None if value is None else require_positive_int(value, name)
+
+
 def require_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
     """``value`` as a float if it is a real number in ``[low, high]`` (``(low, high]`` with ``low_open``).
 

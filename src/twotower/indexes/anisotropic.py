@@ -25,20 +25,18 @@ import numpy as np
 import torch
 
 from twotower import _native
-from twotower._checks import require_finite, require_number
+from twotower._checks import optional_positive_int, require_number, require_positive_int
 from twotower.ids import IdTable
 from twotower.indexes import quantization
 from twotower.indexes.base import (
-    QueryEmbeddings,
     QueryModel,
     SearchParameters,
     SearchResult,
     SnapshotIndex,
     check_corpus,
-    check_k,
     on_device,
 )
-from twotower.indexes.evaluation import checked_tuning_queries
+from twotower.indexes.evaluation import checked_tuning_queries, require_tuning_dimension
 from twotower.indexes.files import (
     ids_from_tensors,
     ids_to_tensors,
@@ -85,7 +83,7 @@ class AnisotropicSearchParameters(SearchParameters):
 
     def __post_init__(self) -> None:
         for name in ("leaves_to_search", "reorder"):
-            _positive_or_none(getattr(self, name), name)
+            optional_positive_int(getattr(self, name), name)
 
 
 @dataclass(frozen=True)
@@ -134,6 +132,21 @@ class _AnisotropicCorpus:
             self.leaves, self.codebooks.shape[0], self.codebooks.shape[2], self.padded_dimension,
         )  # fmt: skip
         return layout, ctypes.addressof(layout)
+
+    @functools.cached_property
+    def unpacked_codes(self) -> np.ndarray:
+        """``[n, M]`` codes in partition order, from the packed blocks (the torch path's view of them, made
+        once per built state)."""
+        blocks, pairs, width = self.codes.shape
+        low = self.codes & 0x0F
+        high = self.codes >> 4
+        padded = np.stack([low, high], axis=2).reshape(blocks, pairs * 2, width).transpose(0, 2, 1)
+        sizes = np.diff(self.leaf_offsets)
+        slots = np.concatenate(
+            [self.leaf_blocks[l] * quantization.BLOCK + np.arange(sizes[l]) for l in range(sizes.shape[0])]
+        )
+        codes: np.ndarray = padded.reshape(-1, pairs * 2)[slots]
+        return codes
 
     @property
     def padded_dimension(self) -> int:
@@ -189,13 +202,13 @@ class AnisotropicIVF(SnapshotIndex[_AnisotropicCorpus]):
         seed: int = 0,
     ) -> None:
         super().__init__(k, query_model)
-        self.leaves = _positive_or_none(leaves, "leaves")
-        self.leaves_to_search = _positive_or_none(leaves_to_search, "leaves_to_search")
-        self.reorder = _positive_or_none(reorder, "reorder")
-        self.sub_dim = _positive_or_none(sub_dim, "sub_dim")
-        self.train_size = _positive(train_size, "train_size")
-        self.kmeans_iterations = _positive(kmeans_iterations, "kmeans_iterations", allow_zero=True)
-        self.codebook_iterations = _positive(codebook_iterations, "codebook_iterations", allow_zero=True)
+        self.leaves = optional_positive_int(leaves, "leaves")
+        self.leaves_to_search = optional_positive_int(leaves_to_search, "leaves_to_search")
+        self.reorder = optional_positive_int(reorder, "reorder")
+        self.sub_dim = optional_positive_int(sub_dim, "sub_dim")
+        self.train_size = require_positive_int(train_size, "train_size")
+        self.kmeans_iterations = _non_negative_int(kmeans_iterations, "kmeans_iterations")
+        self.codebook_iterations = _non_negative_int(codebook_iterations, "codebook_iterations")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
@@ -304,12 +317,7 @@ class AnisotropicIVF(SnapshotIndex[_AnisotropicCorpus]):
         from twotower.indexes.exact import BruteForce
 
         if self.tuning_queries is not None:
-            if self.tuning_queries.shape[1] != corpus.dimension:
-                raise ValueError(
-                    f"tuning_queries must have the corpus's dimension {corpus.dimension}, "
-                    f"got shape {tuple(self.tuning_queries.shape)}"
-                )
-            queries = self.tuning_queries
+            queries = require_tuning_dimension(self.tuning_queries, corpus.dimension)
         else:
             generator = torch.Generator().manual_seed(self.seed)
             chosen = torch.sort(torch.randperm(corpus.count, generator=generator)[:TUNING_QUERIES]).values
@@ -366,25 +374,13 @@ class AnisotropicIVF(SnapshotIndex[_AnisotropicCorpus]):
         exclusions: Any = None,
         params: SearchParameters | None = None,
     ) -> SearchResult:
-        # A server sends one query per call: the path from the query to the ids stays in numpy, as Faiss's does.
-        corpus = self.snapshot()
-        checked = isinstance(queries, QueryEmbeddings)
-        embeddings = self.embed_queries(queries).embeddings if checked else self._unchecked_embeddings(queries)
-        device = embeddings.device
-        on_cpu = device.type == "cpu"
-        matrix = np.ascontiguousarray((embeddings if on_cpu else embeddings.cpu()).numpy(), dtype=np.float32)
-        if not np.isfinite(matrix).all():
-            require_finite(embeddings, "queries")  # raises, with the count of bad values
-            raise ValueError("queries overflow float32, the precision AnisotropicIVF searches in")
-        k = min(check_k(self.k if k is None else k), corpus.count)
-        excluded = None if exclusions is None else corpus.ids.excluded_rows(exclusions, matrix.shape[0]).numpy()
-        leaves, depth = _settings(corpus, self.check_params(params))
-        scores, rows = _search_arrays(corpus, matrix, k, excluded, leaves, depth)
-        if on_cpu:
-            return SearchResult(torch.from_numpy(scores), corpus.ids.take_numpy(rows), torch.from_numpy(rows))
-        return SearchResult(
-            torch.from_numpy(scores).to(device), corpus.ids.take_numpy(rows, device), torch.from_numpy(rows).to(device)
-        )
+        def run(
+            corpus: _AnisotropicCorpus, matrix: np.ndarray, k: int, excluded: np.ndarray | None
+        ) -> tuple[np.ndarray, np.ndarray]:
+            leaves, depth = _settings(corpus, self.check_params(params))
+            return _search_arrays(corpus, matrix, k, excluded, leaves, depth)
+
+        return self._search_in_numpy(queries, k, exclusions, run, "AnisotropicIVF")
 
     def search_snapshot(
         self,
@@ -528,11 +524,10 @@ def _settings(corpus: _AnisotropicCorpus, params: SearchParameters | None) -> tu
     """``(leaves_to_search, reorder)`` of ``params`` over the index's own."""
     if not isinstance(params, AnisotropicSearchParameters):
         return corpus.leaves_to_search, corpus.reorder
-    given = params
-    leaves = given.leaves_to_search or corpus.leaves_to_search
+    leaves = params.leaves_to_search or corpus.leaves_to_search
     if leaves > corpus.leaves:
         raise ValueError(f"leaves_to_search {leaves} exceeds the index's {corpus.leaves} partitions")
-    return leaves, given.reorder or corpus.reorder
+    return leaves, params.reorder or corpus.reorder
 
 
 def _scanned_per_breadth(corpus: _AnisotropicCorpus, queries: np.ndarray) -> np.ndarray:
@@ -597,7 +592,7 @@ def _search_torch(
     """The search without the native kernel: the same partitions, codes and exact reorder, with float32 lookup
     tables instead of uint8 ones (so the candidates reordered can differ where approximate scores are close)."""
     subspaces, _, sub_dim = corpus.codebooks.shape
-    codes = _unpacked_codes(corpus)
+    codes = corpus.unpacked_codes
     sizes = np.diff(corpus.leaf_offsets)
     scores = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
     rows = np.full((queries.shape[0], k), -1, dtype=np.int64)
@@ -629,25 +624,7 @@ def _exact_scores(vectors: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _unpacked_codes(corpus: _AnisotropicCorpus) -> np.ndarray:
-    """``[n, M]`` codes in partition order, from the packed blocks."""
-    blocks, pairs, width = corpus.codes.shape
-    low = corpus.codes & 0x0F
-    high = corpus.codes >> 4
-    padded = np.stack([low, high], axis=2).reshape(blocks, pairs * 2, width).transpose(0, 2, 1).reshape(-1, pairs * 2)
-    sizes = np.diff(corpus.leaf_offsets)
-    slots = np.concatenate(
-        [corpus.leaf_blocks[l] * quantization.BLOCK + np.arange(sizes[l]) for l in range(sizes.shape[0])]
-    )
-    codes: np.ndarray = padded[slots]
-    return codes
-
-
-def _positive(value: Any, name: str, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < (0 if allow_zero else 1):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {value!r}")
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
-
-
-def _positive_or_none(value: Any, name: str) -> int | None:
-    return None if value is None else _positive(value, name)

@@ -302,6 +302,38 @@ class SnapshotIndex(TopK, Generic[_Corpus]):
         corpus = self._corpus
         return 0 if corpus is None else int(corpus.count)
 
+    def _search_in_numpy(
+        self,
+        queries: Any,
+        k: int | None,
+        exclusions: Any,
+        search: Callable[[_Corpus, np.ndarray, int, np.ndarray | None], tuple[np.ndarray, np.ndarray]],
+        precision_of: str,
+    ) -> SearchResult:
+        """:meth:`search` for an index whose search runs in numpy (``Faiss``, ``AnisotropicIVF``): the whole path,
+        from the query's conversion to the ids, stays there (a server sends one query per call, and a torch
+        operation between native calls costs microseconds each).
+
+        ``search(corpus, queries [nq, d] float32, k, excluded rows [nq, E] or None)`` returns ``(scores, rows)``
+        numpy arrays ``[nq, k]``; ``precision_of`` names the index in the error for queries that overflow float32.
+        """
+        corpus = self.snapshot()
+        checked = isinstance(queries, QueryEmbeddings)
+        embeddings = self.embed_queries(queries).embeddings if checked else self._unchecked_embeddings(queries)
+        matrix = np.ascontiguousarray(embeddings.to("cpu", torch.float32).numpy())
+        if not np.isfinite(matrix).all():
+            require_finite(embeddings, "queries")  # raises, with the count of bad values
+            raise ValueError(f"queries overflow float32, the precision {precision_of} searches in")
+        k = min(check_k(self.k if k is None else k), int(corpus.count))
+        excluded = None if exclusions is None else corpus.ids.excluded_rows(exclusions, matrix.shape[0]).numpy()
+        scores, rows = search(corpus, matrix, k, excluded)
+        device = embeddings.device
+        return SearchResult(
+            on_device(torch.from_numpy(scores), device),
+            corpus.ids.take_numpy(rows, device),
+            on_device(torch.from_numpy(rows), device),
+        )
+
 
 class ExactSnapshotIndex(SnapshotIndex[_ExactState]):
     """The exact indexes: the corpus scan runs on inputs shifted by ``_corpus.shift`` (a power of two)."""

@@ -55,3 +55,13 @@ def checked_tuning_queries(tuning_queries: torch.Tensor | None, target_recall: f
     if tuning.shape[0] == 0:
         raise ValueError("tuning_queries must hold at least one query, got shape (0, d)")
     return np.ascontiguousarray(tuning.detach().cpu().to(torch.float32).numpy())
+
+
+def require_tuning_dimension(tuning_queries: np.ndarray, dimension: int) -> np.ndarray:
+    """``tuning_queries`` (from :func:`checked_tuning_queries`) if they have the corpus's ``dimension``, else a
+    ``ValueError`` naming them."""
+    if tuning_queries.shape[1] != dimension:
+        raise ValueError(
+            f"tuning_queries must have the corpus's dimension {dimension}, got shape {tuning_queries.shape}"
+        )
+    return tuning_queries

@@ -16,19 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from twotower._checks import require_finite, require_number
+from twotower._checks import optional_positive_int, require_number
 from twotower.ids import IdTable
 from twotower.indexes.base import (
-    QueryEmbeddings,
     QueryModel,
     SearchParameters,
     SearchResult,
     SnapshotIndex,
     check_corpus,
-    check_k,
     on_device,
 )
-from twotower.indexes.evaluation import checked_tuning_queries
+from twotower.indexes.evaluation import checked_tuning_queries, require_tuning_dimension
 from twotower.indexes.files import (
     ids_from_tensors,
     ids_to_tensors,
@@ -75,7 +73,7 @@ class FaissSearchParameters(SearchParameters):
 
     def __post_init__(self) -> None:
         for name in ("nprobe", "ef_search", "k_factor"):
-            _check_optional_positive(getattr(self, name), name)
+            optional_positive_int(getattr(self, name), name)
 
 
 _Settings = tuple[int | None, int | None, int | None]
@@ -157,9 +155,9 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.factory, self.train_size, self.seed = factory, train_size, seed
-        self.nprobe = _check_optional_positive(nprobe, "nprobe")
-        self.ef_search = _check_optional_positive(ef_search, "ef_search")
-        self.k_factor = _check_optional_positive(k_factor, "k_factor")
+        self.nprobe = optional_positive_int(nprobe, "nprobe")
+        self.ef_search = optional_positive_int(ef_search, "ef_search")
+        self.k_factor = optional_positive_int(k_factor, "k_factor")
         self.target_recall = None
         if target_recall is not None:
             self.target_recall = require_number(target_recall, "target_recall", 0.0, 1.0, low_open=True)
@@ -243,12 +241,7 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
                 raise ValueError(f"target_recall tunes IVF and HNSW indexes, not {corpus.factory!r}")
             return replace(corpus, reached_recall=1.0)
         if self.tuning_queries is not None:
-            if self.tuning_queries.shape[1] != corpus.dimension:
-                raise ValueError(
-                    f"tuning_queries must have the corpus's dimension {corpus.dimension}, "
-                    f"got shape {self.tuning_queries.shape}"
-                )
-            queries = self.tuning_queries
+            queries = require_tuning_dimension(self.tuning_queries, corpus.dimension)
         else:
             rng = np.random.default_rng(self.seed)
             queries = matrix[np.sort(rng.permutation(matrix.shape[0])[:_TUNING_QUERIES])]
@@ -366,27 +359,14 @@ class Faiss(SnapshotIndex[_FaissCorpus]):
         exclusions: Any = None,
         params: SearchParameters | None = None,
     ) -> SearchResult:
-        # A server sends one query per call. Right after a FAISS search each torch operation costs tens of
-        # microseconds (a trivial one adds about a tenth to a single-query search), so the whole path, from the
-        # query's conversion to the ids, stays in numpy.
-        corpus = self.snapshot()
-        checked = isinstance(queries, QueryEmbeddings)
-        embeddings = self.embed_queries(queries).embeddings if checked else self._unchecked_embeddings(queries)
-        matrix = np.ascontiguousarray(embeddings.to("cpu", torch.float32).numpy())
-        if not np.isfinite(matrix).all():
-            require_finite(embeddings, "queries")  # raises, with the count of bad values
-            raise ValueError("queries overflow float32, the precision FAISS searches in")
-        k = min(check_k(self.k if k is None else k), corpus.count)
-        positions = None
-        if exclusions is not None:
-            positions = corpus.ids.excluded_rows(exclusions, matrix.shape[0]).numpy()
-        scores, rows = self._search_numpy(corpus, matrix, k, positions, self.check_params(params))
-        device = embeddings.device
-        return SearchResult(
-            on_device(torch.from_numpy(scores), device),
-            corpus.ids.take_numpy(rows, device),
-            on_device(torch.from_numpy(rows), device),
-        )
+        # Right after a FAISS search each torch operation costs tens of microseconds (a trivial one adds about a
+        # tenth to a single-query search): the path stays in numpy.
+        def run(
+            corpus: _FaissCorpus, matrix: np.ndarray, k: int, excluded: np.ndarray | None
+        ) -> tuple[np.ndarray, np.ndarray]:
+            return self._search_numpy(corpus, matrix, k, excluded, self.check_params(params))
+
+        return self._search_in_numpy(queries, k, exclusions, run, "FAISS")
 
     def search_snapshot(
         self,
@@ -530,11 +510,3 @@ def _excluded_mask(rows: np.ndarray, exclusions: np.ndarray, count: int) -> np.n
     found = rows >= 0
     keys = queries * count + np.where(found, rows, 0)
     return np.isin(keys, excluded_keys) & found
-
-
-def _check_optional_positive(value: int | None, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)

@@ -199,21 +199,63 @@ static int64_t best_leaves(const float *query, int64_t d, const float *columns, 
     return kept;
 }
 
-static void search_one(const float *query, int64_t d, const float *centroid_columns, int64_t leaves,
-                       const int64_t *leaf_blocks, const int64_t *leaf_offsets, const uint8_t *codes,
-                       const float *codebooks, int64_t subspaces, int64_t sub_dim, const float *vectors,
-                       const int64_t *rows, int64_t leaves_to_search, int64_t reorder, int64_t k,
-                       const int64_t *excluded, int64_t excluded_width, float *out_scores, int64_t *out_rows,
-                       float *leaf_scores, float *leaf_values, int64_t *leaf_ids, uint8_t *luts, uint64_t *buf,
-                       uint32_t *histogram, int64_t capacity) {
+/* The built index, as the Python side lays it out once per index (one pointer per call instead of ten
+ * arguments): centroid_columns [d, leaves]; leaf_offsets [leaves + 1] positions in partition order; leaf_blocks
+ * [leaves] the first block of each partition; codes [blocks, subspaces / 2, 32]; codebooks [subspaces, 16,
+ * sub_dim]; vectors [n, d] in partition order; rows [n] the original row of each position. d is a multiple of
+ * 4 * sub_dim (zero padded). */
+typedef struct {
+    const float *centroid_columns;
+    const int64_t *leaf_offsets;
+    const int64_t *leaf_blocks;
+    const uint8_t *codes;
+    const float *codebooks;
+    const float *vectors;
+    const int64_t *rows;
+    int64_t leaves, subspaces, sub_dim, d;
+} ivf_index;
+
+/* Each thread's working memory, kept between calls and grown when a call needs more: a one-query search
+ * allocates nothing. It is held until the process ends: at most about `reorder` * 64 bytes and the partition
+ * scores per thread. */
+typedef struct {
+    float *leaf_scores, *leaf_values;
+    int64_t *leaf_ids;
+    uint8_t *luts;
+    uint64_t *buf;
+    uint32_t *histogram;
+    size_t leaf_scores_size, leaf_values_size, leaf_ids_size, luts_size, buf_size, histogram_size;
+} workspace;
+
+static __thread workspace thread_workspace;
+
+/* Make *p hold at least `size` bytes (its contents need not survive); 0 when memory runs out. */
+static int reserve(void **p, size_t *capacity, size_t size) {
+    if (*capacity >= size && *p != NULL) return 1;
+    free(*p);
+    *p = malloc(size ? size : 1);
+    *capacity = *p != NULL ? size : 0;
+    return *p != NULL;
+}
+
+static void search_one(const ivf_index *index, workspace *w, const float *query, int64_t leaves_to_search,
+                       int64_t reorder, int64_t capacity, int64_t k, const int64_t *excluded,
+                       int64_t excluded_width, float *out_scores, int64_t *out_rows) {
+    const int64_t d = index->d, leaves = index->leaves, subspaces = index->subspaces, sub_dim = index->sub_dim;
+    const int64_t *leaf_offsets = index->leaf_offsets, *leaf_blocks = index->leaf_blocks, *rows = index->rows;
+    const uint8_t *codes = index->codes;
+    const float *codebooks = index->codebooks, *vectors = index->vectors;
+    float *leaf_values = w->leaf_values;
+    int64_t *leaf_ids = w->leaf_ids;
+    uint8_t *luts = w->luts;
     int64_t pairs = subspaces / 2;
     /* 1. the best partitions, best first */
-    int64_t kept_leaves = best_leaves(query, d, centroid_columns, leaves, leaf_scores, leaves_to_search, leaf_values,
-                                      leaf_ids);
+    int64_t kept_leaves = best_leaves(query, d, index->centroid_columns, leaves, w->leaf_scores, leaves_to_search,
+                                      leaf_values, leaf_ids);
 
     /* 2. the lookup tables and their common scale */
     float lut[256 * 16];
-    float minimum_sum = 0.0f, widest = 0.0f;
+    float widest = 0.0f; /* each table's minimum is dropped: it adds the same to every candidate */
     for (int64_t m = 0; m < subspaces; ++m) {
         float low = INFINITY, high = -INFINITY;
         for (int64_t c = 0; c < 16; ++c) {
@@ -224,7 +266,6 @@ static void search_one(const float *query, int64_t d, const float *centroid_colu
             high = v > high ? v : high;
         }
         for (int64_t c = 0; c < 16; ++c) lut[m * 16 + c] -= low;
-        minimum_sum += low;
         widest = high - low > widest ? high - low : widest;
     }
     /* A zero query (or codebook) has nothing to quantize: any positive scale gives all-zero tables. */
@@ -245,7 +286,7 @@ static void search_one(const float *query, int64_t d, const float *centroid_colu
     }
 
     /* 3. the scan */
-    candidate_buffer cands = {buf, histogram, 0, capacity, reorder, INT32_MIN};
+    candidate_buffer cands = {w->buf, w->histogram, 0, capacity, reorder, INT32_MIN};
     float best_base = kept_leaves ? leaf_values[0] : 0.0f;
     uint16_t even[BLOCK / 2], odd[BLOCK / 2];
     for (int64_t i = 0; i < kept_leaves; ++i) {
@@ -329,45 +370,6 @@ static void search_one(const float *query, int64_t d, const float *centroid_colu
     }
 }
 
-/* Each thread's working memory, kept between calls and grown when a call needs more: a one-query search
- * allocates nothing (allocating and freeing the candidate buffer each call cost page faults). It is held until
- * the process ends, at most a few times `reorder` * 64 bytes per thread. */
-typedef struct {
-    float *leaf_scores, *leaf_values;
-    int64_t *leaf_ids;
-    uint8_t *luts;
-    uint64_t *buf;
-    uint32_t *histogram;
-    size_t leaf_scores_size, leaf_values_size, leaf_ids_size, luts_size, buf_size, histogram_size;
-} workspace;
-
-static __thread workspace thread_workspace;
-
-/* Make *p hold at least `size` bytes (its contents need not survive); 0 when memory runs out. */
-static int reserve(void **p, size_t *capacity, size_t size) {
-    if (*capacity >= size && *p != NULL) return 1;
-    free(*p);
-    *p = malloc(size ? size : 1);
-    *capacity = *p != NULL ? size : 0;
-    return *p != NULL;
-}
-
-/* The built index, as the Python side lays it out once per index (one pointer per call instead of ten
- * arguments): centroid_columns [d, leaves]; leaf_offsets [leaves + 1] positions in partition order; leaf_blocks
- * [leaves] the first block of each partition; codes [blocks, subspaces / 2, 32]; codebooks [subspaces, 16,
- * sub_dim]; vectors [n, d] in partition order; rows [n] the original row of each position. d is a multiple of
- * 4 * sub_dim (zero padded). */
-typedef struct {
-    const float *centroid_columns;
-    const int64_t *leaf_offsets;
-    const int64_t *leaf_blocks;
-    const uint8_t *codes;
-    const float *codebooks;
-    const float *vectors;
-    const int64_t *rows;
-    int64_t leaves, subspaces, sub_dim, d;
-} ivf_index;
-
 /* queries: [nq, d]; excluded: [nq, excluded_width] original rows sorted ascending (INT64_MAX pads) or NULL.
  * Writes out_scores / out_rows [nq, k]: -inf / -1 where fewer than k were found. Returns 0, or 1 when the
  * working memory could not be allocated (the outputs are then not filled). */
@@ -395,11 +397,9 @@ int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq
 #pragma omp for schedule(dynamic, 1)
         for (int64_t q = 0; q < nq; ++q) {
             if (!ok) continue;
-            search_one(queries + q * d, d, index->centroid_columns, leaves, index->leaf_blocks, index->leaf_offsets,
-                       index->codes, index->codebooks, subspaces, index->sub_dim, index->vectors, index->rows,
-                       leaves_to_search, reorder, k, excluded ? excluded + q * excluded_width : NULL, excluded_width,
-                       out_scores + q * k, out_rows + q * k, w->leaf_scores, w->leaf_values, w->leaf_ids, w->luts,
-                       w->buf, w->histogram, capacity);
+            search_one(index, w, queries + q * d, leaves_to_search, reorder, capacity, k,
+                       excluded ? excluded + q * excluded_width : NULL, excluded_width, out_scores + q * k,
+                       out_rows + q * k);
         }
     }
     return failed;
