@@ -290,3 +290,13 @@ def test_bad_arguments_are_refused_by_name() -> None:
         index.search(queries[:, :8])
     with pytest.raises(RuntimeError, match="has not been built"):
         AnisotropicIVF().search(queries)
+    with pytest.raises(ValueError, match="corpus must not be empty"):
+        AnisotropicIVF().index(torch.zeros(0, 16))
+    nan_corpus = corpus.clone()
+    nan_corpus[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="candidates"):
+        AnisotropicIVF(leaves=8).index(nan_corpus)
+    with pytest.raises(ValueError, match=r"tuning_queries must have the corpus's dimension 16, got shape \(3, 8\)"):
+        AnisotropicIVF(leaves=8, target_recall=0.9, tuning_queries=queries[:3, :8]).index(corpus)
+    with pytest.raises(FileNotFoundError, match="no index file"):
+        AnisotropicIVF.load("/nonexistent/index.safetensors")
