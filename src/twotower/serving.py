@@ -35,6 +35,8 @@ from torch import nn
 
 from twotower._checks import ends_in_nul
 from twotower._files import parse_json, read_verified_directory, write_manifest_directory
+from twotower.features import FeatureError, FeatureTower, build_feature_tower
+from twotower.features.requests import RequestFeatures
 from twotower.indexes import AnisotropicIVF, BruteForce, Faiss, TopK
 from twotower.towers import TowerFormatError, build_tower, describe_tower, tower_tensors
 from twotower.vocabulary import Vocabulary
@@ -55,8 +57,9 @@ POPULARITY_DEPTH = MAX_K + MAX_EXCLUSIONS
 
 class Recommendations(list[tuple[str, float]]):
     """``(item, score)`` pairs, best first, and where they came from: :attr:`source` is ``"model"`` (the query
-    tower and the index), ``"oov"`` (the tower's out-of-vocabulary row, for an unknown id) or ``"popularity"``
-    (the most popular training items, for an unknown id; the score is the item's training count)."""
+    tower and the index), ``"oov"`` (the tower's out-of-vocabulary row, for an unknown id), ``"features"`` (a
+    feature tower's answer for an unknown id, from its other features) or ``"popularity"`` (the most popular
+    training items, for an unknown id; the score is the item's training count)."""
 
     def __init__(self, pairs: Any = (), source: str = "model") -> None:
         super().__init__(pairs)
@@ -89,6 +92,7 @@ def save_bundle(
     metadata: dict[str, Any] | None = None,
     item_titles: dict[str, str] | None = None,
     popularity: Sequence[tuple[str, float]] | None = None,
+    query_features: RequestFeatures | None = None,
 ) -> Path:
     """Write a bundle directory atomically (built beside it, then swapped into place in one step).
 
@@ -109,6 +113,8 @@ def save_bundle(
             id (MovieLens runs use the titles themselves as ids, as TFRS does).
         popularity: ``(item id, training count)`` pairs, most popular first: the answer for query ids the
             vocabulary does not hold (see :data:`UnknownQueries`). The first :data:`POPULARITY_DEPTH` are kept.
+        query_features: with a :class:`~twotower.features.FeatureTower` as ``query_tower``: how a request
+            (user id and context) becomes its inputs (:class:`~twotower.features.requests.RequestFeatures`).
 
     Returns:
         the bundle's path. Its ``manifest.json``'s SHA-256 (:attr:`Bundle.manifest_sha256` once loaded) pins
@@ -122,11 +128,17 @@ def save_bundle(
         raise TypeError(f"item_titles must be a dict of item id to title, got {type(item_titles).__name__}")
     if seen is not None and not isinstance(seen, dict):
         raise TypeError(f"seen must be a dict of query id to item ids, got {type(seen).__name__}")
-    description = describe_tower(query_tower)
+    if isinstance(query_tower, FeatureTower):
+        if query_features is None:
+            raise TypeError("a FeatureTower query tower needs query_features (how requests become its inputs)")
+        description: Any = {"kind": "features", **query_tower.describe()}
+        tensors = {name: value.detach().cpu().contiguous() for name, value in query_tower.state_dict().items()}
+    else:
+        description, tensors = describe_tower(query_tower), tower_tensors(query_tower)
     target = Path(directory)
     _refuse_foreign_directory(target, "bundle")
     files = {
-        "tower.safetensors": save_tensors(tower_tensors(query_tower)),
+        "tower.safetensors": save_tensors(tensors),
         "vocabulary.json": _json(query_vocabulary.to_json()),
         "seen.json": _json({str(key): [str(item) for item in items] for key, items in (seen or {}).items()}),
         "items.json": _json({str(k): str(v) for k, v in (item_titles or {}).items()}),
@@ -135,6 +147,9 @@ def save_bundle(
             {"index_kind": type(index).__name__, "tower": description, "metadata": metadata or {}}, indent=2
         ),
     }
+
+    if query_features is not None:
+        files["query_features.json"] = _json(query_features.to_json())
 
     def fill(building: Path) -> None:
         for name, payload in files.items():
@@ -195,6 +210,10 @@ class Bundle:
     #: what an unknown query id gets (see :data:`UnknownQueries`): the popularity ranking where the bundle
     #: has one, else a ``KeyError``.
     unknown_queries: UnknownQueries = "popularity"
+    #: a feature tower's request preprocessing (``None`` for an id tower): with features beyond the id, an
+    #: unknown user is answered by the tower from them (source ``"features"``) unless ``unknown_queries`` is
+    #: ``"error"``.
+    query_features: RequestFeatures | None = None
 
     def __post_init__(self) -> None:
         if self.unknown_queries not in UNKNOWN_QUERY_POLICIES:
@@ -205,14 +224,41 @@ class Bundle:
         return self.item_titles.get(item, item)
 
     def recommend(
-        self, query_id: str, k: int = 10, exclude: Sequence[str] | None = None, exclude_seen: bool = True
+        self,
+        query_id: str,
+        k: int = 10,
+        exclude: Sequence[str] | None = None,
+        exclude_seen: bool = True,
+        context: dict[str, Any] | None = None,
     ) -> Recommendations:
         """Top-``k`` ``(item, score)`` pairs for ``query_id`` (:class:`Recommendations`, marked with their source);
-        an unknown id is answered as :attr:`unknown_queries` says (a ``KeyError`` for ``"error"``)."""
-        answer = self.recommend_batch([Query(query_id, k, tuple(exclude or ()), exclude_seen)])[0]
+        an unknown id is answered as :attr:`unknown_queries` says (a ``KeyError`` for ``"error"``). ``context``:
+        a feature tower's context columns (e.g. ``{"timestamp": 879024327}``; see :meth:`check_context`)."""
+        query = Query(query_id, k, tuple(exclude or ()), exclude_seen, tuple(sorted((context or {}).items())))
+        self.check_context(query)
+        answer = self.recommend_batch([query])[0]
         if isinstance(answer, KeyError):
             raise answer
         return answer
+
+    def check_context(self, query: "Query") -> None:
+        """Refuse a query whose context this bundle cannot use: any context for an id tower; for a feature tower
+        a column no query feature reads or a value its feature cannot take.
+
+        Raises:
+            ValueError: naming the column.
+        """
+        if self.query_features is None:
+            if query.context:
+                raise ValueError("context: this bundle's query tower takes no features beyond the user id")
+            return
+        try:
+            self.query_features.check_context(dict(query.context))
+        except FeatureError as error:
+            raise ValueError(f"context: {error}") from None
+
+    def _by_features(self) -> bool:
+        return self.query_features is not None and self.query_features.uses_more_than_the_id
 
     def recommend_batch(self, queries: Sequence["Query"]) -> list[Recommendations | KeyError]:
         """Answer several queries with one tower call and one index search per distinct ``k``.
@@ -232,6 +278,10 @@ class Bundle:
         buckets = self.vocabulary.num_oov_buckets
         unknown = [] if hashing else [position for position, row in enumerate(rows.tolist()) if row < buckets]
         sources = ["model"] * len(queries)
+        if self._by_features() and self.unknown_queries != "error":
+            for position in unknown:
+                sources[position] = "features"
+            unknown = []
         if self.unknown_queries == "popularity" and self.popularity:
             for position in unknown:
                 answers[position] = self._popular(queries[position])
@@ -244,7 +294,11 @@ class Bundle:
         if not known:
             return answers
         with torch.no_grad():
-            embeddings = self.tower(torch.as_tensor(rows[known], dtype=torch.int64))
+            if self.query_features is not None:
+                chosen = [queries[position] for position in known]
+                embeddings = self.tower(self.query_features.inputs([(q.query_id, dict(q.context)) for q in chosen]))
+            else:
+                embeddings = self.tower(torch.as_tensor(rows[known], dtype=torch.int64))
         by_k: dict[int, list[int]] = {}
         for slot, position in enumerate(known):
             by_k.setdefault(queries[position].k, []).append(slot)
@@ -286,6 +340,8 @@ class Query:
     k: int = 10
     exclude: tuple[str, ...] = ()
     exclude_seen: bool = True
+    #: ``(column, value)`` pairs of a feature tower's context (values: str, int, float or ``None``).
+    context: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         # Checked here, not in the batched search: one bad query must not fail the others batched with it.
@@ -297,6 +353,12 @@ class Query:
             raise ValueError(f"exclude must be a tuple of str ids, got {self.exclude!r}")
         if not isinstance(self.exclude_seen, bool):
             raise ValueError(f"exclude_seen must be a bool, got {self.exclude_seen!r}")
+        if not isinstance(self.context, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)
+            and (pair[1] is None or (isinstance(pair[1], (str, int, float)) and not isinstance(pair[1], bool)))
+            for pair in self.context
+        ):  # fmt: skip
+            raise ValueError("context must be (column, value) pairs with str, int, float or None values")
 
 
 class MicroBatcher:
@@ -412,9 +474,19 @@ def load_bundle(
         raise BundleError(
             f"{directory}/metadata.json must name the index kind ({', '.join(_INDEX_KINDS)}) and the tower"
         )
+    described = info["tower"]
+    query_features = None
     try:
-        tower = build_tower(info["tower"], load_tensors(contents["tower.safetensors"]))
-    except (TowerFormatError, SafetensorError) as error:
+        if isinstance(described, dict) and described.get("kind") == "features":
+            if "query_features.json" not in contents:
+                raise BundleError(f"{directory} has a feature tower but its manifest does not list query_features.json")
+            fields_only = {key: value for key, value in described.items() if key != "kind"}
+            tower: Any = build_feature_tower(fields_only, load_tensors(contents["tower.safetensors"]))
+            request = parse_json(contents["query_features.json"], f"{directory}/query_features.json", BundleError)
+            query_features = RequestFeatures.from_json(request, tower.features)
+        else:
+            tower = build_tower(described, load_tensors(contents["tower.safetensors"]))
+    except (TowerFormatError, FeatureError, SafetensorError) as error:
         raise BundleError(
             f"{directory}/tower.safetensors does not hold the tower metadata.json describes: {error}"
         ) from error
@@ -460,6 +532,7 @@ def load_bundle(
         manifest_sha256=str(manifest["manifest_sha256"]),
         popularity=[(str(item), float(count)) for item, count in popularity],
         unknown_queries=unknown_queries,
+        query_features=query_features,
     )
 
 
@@ -494,6 +567,9 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
         exclude: list[str] = Field(default_factory=list, max_length=MAX_EXCLUSIONS, description="ids to leave out")
         # strict: true or false only, not the strings "yes" / "no" that pydantic would read as booleans
         exclude_seen: bool = Field(default=True, strict=True, description="also leave out the user's training items")
+        context: dict[str, str | int | float | None] = Field(
+            default_factory=dict, max_length=64, description="a feature tower's context columns, e.g. the event time"
+        )
 
         @field_validator("user_id")
         @classmethod
@@ -518,7 +594,8 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
         items: list[Item]
         source: str = Field(
             description="model: the user's embedding; popularity: the user is unknown, the most popular items; "
-            "oov: the user is unknown, the out-of-vocabulary row's answer"
+            "oov: the user is unknown, the out-of-vocabulary row's answer; features: the user is unknown, the "
+            "feature tower's answer from the other features"
         )
 
     batcher = MicroBatcher(bundle, max_batch)
@@ -548,7 +625,16 @@ def create_app(bundle: Bundle, max_batch: int = 64) -> Any:
 
     @app.post("/recommend", response_model=RecommendResponse)
     async def recommend(request: RecommendRequest) -> RecommendResponse:
-        query = Query(request.user_id, request.k, tuple(request.exclude), request.exclude_seen)
+        query = Query(request.user_id, request.k, tuple(request.exclude), request.exclude_seen,
+                      tuple(sorted(request.context.items())))  # fmt: skip
+        try:
+            bundle.check_context(query)
+        except ValueError:
+            # Not the error's text: it may repeat the request's values.
+            allowed = [] if bundle.query_features is None else bundle.query_features.context_columns
+            raise HTTPException(
+                status_code=422, detail=f"context may name only {allowed}, each with a value its feature takes"
+            ) from None
         try:
             pairs = await asyncio.wrap_future(batcher.submit(query))
         except KeyError as error:

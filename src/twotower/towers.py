@@ -12,6 +12,7 @@ flattened), which covers id towers and the MLP towers of TFRS's tutorials.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -102,17 +103,27 @@ def build_tower(description: Any, tensors: dict[str, torch.Tensor]) -> nn.Sequen
             else:
                 layers.append(nn.ReLU())
     tower = nn.Sequential(*layers)
+    load_checked_weights(tower, tensors, TowerFormatError)
+    return tower.eval()
+
+
+def load_checked_weights(tower: nn.Module, tensors: Mapping[str, torch.Tensor], error: type[Exception]) -> None:
+    """Load ``tensors`` into ``tower`` (built on the meta device) if they are exactly its weights: the same names,
+    shapes and dtypes, nothing more.
+
+    Raises:
+        error: naming the missing, unexpected and misshapen tensors.
+    """
     wanted = {name: (tuple(value.shape), value.dtype) for name, value in tower.state_dict().items()}
     found = {name: (tuple(value.shape), value.dtype) for name, value in tensors.items()}
     if wanted != found:
         missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
         wrong = sorted(name for name in set(wanted) & set(found) if wanted[name] != found[name])
-        raise TowerFormatError(
+        raise error(
             f"the tower's weights do not fit its description (missing {missing}, unexpected {extra}, "
             f"wrong shape or dtype {wrong})"
         )
-    tower.load_state_dict(tensors, strict=True, assign=True)
-    return tower.eval()
+    tower.load_state_dict(dict(tensors), strict=True, assign=True)
 
 
 def _size(layer: dict[str, Any], field: str, position: int, limit: int = _MAX_WIDTH) -> int:

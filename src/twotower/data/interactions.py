@@ -108,6 +108,8 @@ class Interactions:
         item_titles: display title per item id, from the catalogue's title column (may be empty).
         in_catalogue: whether :attr:`item_ids` is a catalogue (every item a candidate), not just the log's items.
         report: what reading found (see :class:`ReadReport`).
+        context: further columns of the log asked for by ``context_cols`` (features such as a device or a
+            price), each an Arrow array aligned with the kept rows.
     """
 
     user_codes: np.ndarray
@@ -119,6 +121,7 @@ class Interactions:
     report: ReadReport
     item_titles: dict[str, str] = field(default_factory=dict)
     in_catalogue: bool = False
+    context: dict[str, pa.Array] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.user_codes.shape[0])
@@ -147,6 +150,7 @@ class Interactions:
         duplicates: Policy = "keep",
         unknown_items: Policy = "drop",
         source: str = "an Arrow table",
+        context_cols: Sequence[str] = (),
     ) -> Interactions:
         """Read a log from an Arrow table (see the class for the columns' meaning).
 
@@ -164,6 +168,7 @@ class Interactions:
                 an earlier one.
             unknown_items: ``"drop"`` (default) or ``"keep"`` interactions with items the catalogue lacks.
             source: how reports and errors name the log.
+            context_cols: further columns to keep, aligned with the kept rows, as :attr:`context` (features).
 
         Raises:
             InteractionsError: a column is missing (the columns found are listed) or has the wrong type, the log
@@ -180,6 +185,13 @@ class Interactions:
                 raise ValueError(f"{name} must be 'keep' or 'drop', got {value!r}")
         wanted = {"user_col": user_col, "item_col": item_col, "time_col": time_col, "weight_col": weight_col}
         _require_columns(table.column_names, wanted, source)
+        _require_columns(table.column_names, {f"context_cols ({name!r})": name for name in context_cols}, source)
+        taken = {user_col, item_col, time_col, weight_col}
+        if set(context_cols) & taken or len(set(context_cols)) < len(context_cols):
+            raise ValueError(
+                f"context_cols must be distinct and name none of the id, time and weight columns, got "
+                f"{list(context_cols)}"
+            )
         rows_read = table.num_rows
         if rows_read == 0:
             raise InteractionsError(f"{source} holds no rows")
@@ -192,10 +204,18 @@ class Interactions:
         if weight_col is not None:
             encoders["weight"] = WeightColumn(weight_col, table.column_type(weight_col), rows_read, source)
         start = 0
-        for batch in table.batches([encoder.name for encoder in encoders.values()]):
-            for encoder, chunk in zip(encoders.values(), batch, strict=True):
+        carried: dict[str, list[pa.Array]] = {name: [] for name in context_cols}
+        names = [encoder.name for encoder in encoders.values()]
+        for batch in table.batches(names + list(carried)):
+            for encoder, chunk in zip(encoders.values(), batch, strict=False):
                 encoder.add(start, chunk)
+            for pieces, chunk in zip(carried.values(), batch[len(names) :], strict=True):
+                pieces.append(chunk)
             start += len(batch[0])
+        context = {
+            name: pa.chunked_array(pieces).combine_chunks() if pieces else pa.array([])
+            for name, pieces in carried.items()
+        }
         del table
         _release_arrow_memory()
         user_codes, user_ids = users.finish()
@@ -230,12 +250,14 @@ class Interactions:
                 if not keep.any():
                     raise InteractionsError(f"{source}: no interaction's item is in the catalogue")
         if not keep.all():
+            context = {name: column.filter(pa.array(keep)) for name, column in context.items()}
             user_codes, item_codes = user_codes[keep], item_codes[keep]
             timestamps = None if timestamps is None else timestamps[keep]
             weights = None if weights is None else weights[keep]
         first = _first_occurrences(user_codes, item_codes, timestamps, weights)
         duplicate_count = int(first.shape[0] - int(first.sum()))
         if duplicates == "drop" and duplicate_count:
+            context = {name: column.filter(pa.array(first)) for name, column in context.items()}
             user_codes, item_codes = user_codes[first], item_codes[first]
             timestamps = None if timestamps is None else timestamps[first]
             weights = None if weights is None else weights[first]
@@ -262,6 +284,7 @@ class Interactions:
             report=report,
             item_titles=titles,
             in_catalogue=items is not None,
+            context=context,
         )
 
     @classmethod
@@ -284,6 +307,7 @@ class Interactions:
             "item_col": item_col,
             "time_col": options.get("time_col"),
             "weight_col": options.get("weight_col"),
+            **{f"context_cols ({name!r})": name for name in options.get("context_cols", ())},
         }
         columns = _open_columns(path, wanted, id_columns=(user_col, item_col), file_format=file_format)
         catalogue = _catalogue(items, options.get("item_id_col") or item_col, options.get("item_title_col"))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from twotower.data.splits import SPLIT_METHODS
+from twotower.features import FeatureError, FeatureSpec
 from twotower.optim import OPTIMIZERS
 
 if sys.version_info >= (3, 11):
@@ -33,13 +34,15 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "items",
         "item_id_col",
         "item_title_col",
+        "users",
+        "user_table_id_col",
         "duplicates",
         "unknown_items",
         "data_dir",
     ),
-    "split": ("split", "test_fraction", "validation_fraction", "test_from", "last_n"),
-    "vocabulary": ("user_vocabulary", "user_oov_buckets"),
-    "model": ("embedding_dim", "init_scale"),
+    "split": ("split", "test_fraction", "validation_fraction", "test_from", "last_n", "split_seed"),
+    "vocabulary": ("user_vocabulary", "user_oov_buckets", "fit_features_on"),
+    "model": ("embedding_dim", "init_scale", "layer_sizes", "l2_normalize"),
     "training": (
         "epochs",
         "batch_size",
@@ -55,23 +58,26 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "precision",
         "seed",
     ),
-    "evaluation": ("ks", "eval_batch_size"),
+    "evaluation": ("ks", "eval_batch_size", "track_every"),
     "serving": ("serving_index", "serving_target_recall"),
     "run": ("out",),
 }
+#: The sections that hold a tower's features (``[query.features]``, ``[candidate.features]``), by setting.
+FEATURE_SECTIONS = {"query": "query_features", "candidate": "candidate_features"}
 #: The settings that take one of a few words, and those words.
 CHOICES: dict[str, tuple[str, ...]] = {
     "duplicates": ("keep", "drop"),
     "unknown_items": ("drop", "keep"),
     "split": SPLIT_METHODS,
     "user_vocabulary": ("train", "all"),
+    "fit_features_on": ("train", "all"),
     "negatives": ("in-batch", "mixed"),
     "precision": ("float32", "bf16"),
     "optimizer": OPTIMIZERS,
     "serving_index": ("auto", "exact", "approximate"),
 }
 #: Settings that name files: resolved against the config file's folder, saved absolute.
-_PATHS = ("interactions", "items", "data_dir", "out")
+_PATHS = ("interactions", "items", "users", "data_dir", "out")
 
 
 class ConfigError(ValueError):
@@ -95,6 +101,18 @@ class PipelineConfig:
     so a step costs O(batch) rather than O(table): for catalogues of millions. ``optimizer``: ``"adagrad"``
     (Keras's, TFRS's), ``"rowwise-adagrad"`` (one accumulator per row) or ``"adam"`` (lazy on sparse tables; give
     it a learning rate near Keras's 0.001): see :func:`~twotower.optim.make_optimizer`.
+
+    Features (``[query.features]``, ``[candidate.features]``; see :mod:`twotower.features`): each tower embeds
+    its features (``{name: "type"}`` or ``{name: {type = ..., column = ..., ...}}``), concatenates them and
+    passes them through ``layer_sizes`` dense layers (ReLU on all but the last), then ``l2_normalize`` if set.
+    A query feature's column is the user column, the time column, a column of the user table ``users``
+    (keyed by ``user_table_id_col``, default ``user_col``), or any other column of the log (context, taken from
+    each interaction); a candidate feature's column is the item column, a column of the catalogue ``items``, or
+    of the log (each item's first row). The preprocessing is fitted on the training rows (``fit_features_on =
+    "all"``: every row, as the TFRS tutorials do). Without features, a tower is its id's embedding.
+    ``split_seed``: the random split's seed (-1: ``seed``), so that seeds of the model can vary over one split.
+    ``track_every``: every this many epochs, record the test split's top-K accuracy in the history (the deep
+    retrieval tutorial's curve; it reads the test split, so it is a report, never a choice of model).
     """
 
     interactions: str = ""
@@ -105,6 +123,8 @@ class PipelineConfig:
     items: str = ""
     item_id_col: str = ""
     item_title_col: str = ""
+    users: str = ""
+    user_table_id_col: str = ""
     duplicates: str = "keep"
     unknown_items: str = "drop"
     data_dir: str = ""
@@ -113,10 +133,14 @@ class PipelineConfig:
     validation_fraction: float = 0.1
     test_from: str = ""
     last_n: int = 1
+    split_seed: int = -1
     user_vocabulary: str = "train"
     user_oov_buckets: int = 1
+    fit_features_on: str = "train"
     embedding_dim: int = 64
     init_scale: float = 0.05
+    layer_sizes: tuple[int, ...] = ()
+    l2_normalize: bool = False
     epochs: int = 30
     batch_size: int = 4096
     learning_rate: float = 0.1
@@ -132,15 +156,29 @@ class PipelineConfig:
     seed: int = 0
     ks: tuple[int, ...] = (10, 50, 100)
     eval_batch_size: int = 4096
+    track_every: int = 0
     serving_index: str = "auto"
     serving_target_recall: float = 0.95
     out: str = ""
+    query_features: tuple[FeatureSpec, ...] = ()
+    candidate_features: tuple[FeatureSpec, ...] = ()
 
     def __post_init__(self) -> None:
         # A TOML file or a caller may give ks as a list; the frozen config keeps a tuple.
-        ks: object = self.ks
-        if isinstance(ks, list):
-            object.__setattr__(self, "ks", tuple(ks))
+        for name in ("ks", "layer_sizes"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for section, name in FEATURE_SECTIONS.items():
+            object.__setattr__(self, name, _feature_specs(getattr(self, name), f"[{section}.features]"))
+        sizes: object = self.layer_sizes
+        if not isinstance(sizes, tuple) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 65536 for size in sizes
+        ):
+            raise ConfigError(f"layer_sizes must be a list of ints in [1, 65536], got {sizes!r}")
+        if self.split_seed < -1:
+            raise ConfigError(f"split_seed must be >= 0 (or -1: the seed), got {self.split_seed}")
+        if self.track_every < 0:
+            raise ConfigError(f"track_every must be >= 0 (0: off), got {self.track_every}")
         kinds: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "float": (int, float), "bool": bool}
         for item in fields(self):
             value = getattr(self, item.name)
@@ -171,6 +209,11 @@ class PipelineConfig:
             raise ConfigError(f"ks must be a non-empty list of positive ints, got {list(self.ks)}")
 
     @property
+    def featurized(self) -> bool:
+        """Whether the towers are built from features (any feature, dense layer or normalisation), not ids only."""
+        return bool(self.query_features or self.candidate_features or self.layer_sizes or self.l2_normalize)
+
+    @property
     def movielens_release(self) -> str | None:
         """The MovieLens release named by ``interactions = "movielens:<release>"``, else ``None``."""
         return self.interactions.split(":", 1)[1] if self.interactions.startswith("movielens:") else None
@@ -186,7 +229,26 @@ class PipelineConfig:
         document: dict[str, dict[str, Any]] = {}
         for section, names in SECTIONS.items():
             document[section] = {name: _toml_value(getattr(self, name)) for name in names}
+        for section, name in FEATURE_SECTIONS.items():
+            specs: tuple[FeatureSpec, ...] = getattr(self, name)
+            if specs:
+                document[section] = {"features": {spec.name: spec.to_config() for spec in specs}}
         return tomli_w.dumps(document)
+
+
+def _feature_specs(value: Any, where: str) -> tuple[FeatureSpec, ...]:
+    """``{name: type or table}`` (a config's form) or FeatureSpecs, as a tuple of :class:`FeatureSpec`."""
+    if isinstance(value, dict):
+        try:
+            return tuple(FeatureSpec.from_config(str(name), entry, where) for name, entry in value.items())
+        except FeatureError as error:
+            raise ConfigError(str(error)) from None
+    if isinstance(value, (tuple, list)) and all(isinstance(spec, FeatureSpec) for spec in value):
+        names = [spec.name for spec in value]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: feature names must be distinct, got {names}")
+        return tuple(value)
+    raise ConfigError(f'{where} must be a table of features (name = "type" or {{type = ...}}), got {value!r}')
 
 
 def _toml_value(value: Any) -> Any:
@@ -197,8 +259,14 @@ def _flatten(document: dict[str, Any], source: str) -> dict[str, Any]:
     known = {name for names in SECTIONS.values() for name in names}
     settings: dict[str, Any] = {}
     for section, values in document.items():
+        if section in FEATURE_SECTIONS:
+            if not isinstance(values, dict) or set(values) - {"features"}:
+                raise ConfigError(f"{source}: [{section}] holds only a [{section}.features] table")
+            settings[FEATURE_SECTIONS[section]] = values.get("features", {})
+            continue
         if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}]; the sections are {list(SECTIONS)}")
+            sections = [*SECTIONS, *(f"{name}.features" for name in FEATURE_SECTIONS)]
+            raise ConfigError(f"{source}: unknown section [{section}]; the sections are {sections}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of settings")
         for name, value in values.items():

@@ -22,7 +22,7 @@ import torch
 from twotower import distributed
 from twotower.indexes import BruteForce
 from twotower.metrics import CorpusRanking, FactorizedTopK
-from twotower.pipeline.model import IdRetrievalModel
+from twotower.pipeline.model import SoftmaxRetrievalModel
 from twotower.pipeline.prepared import PartRows, PreparedInteractions, describe_cold
 
 TOP_K_ACCURACY_KS = (1, 5, 10, 50, 100)
@@ -49,15 +49,21 @@ def _relevant_ids(part: PartRows, item_rows: np.ndarray, positions: np.ndarray) 
 
 
 def evaluate_part(
-    model: IdRetrievalModel,
+    model: SoftmaxRetrievalModel,
     prepared: PreparedInteractions,
     part: PartRows,
     ks: Sequence[int] = (10, 50, 100),
     batch_size: int = 4096,
     baseline: bool = True,
     top_k_accuracy: bool = True,
+    ranking: bool = True,
 ) -> dict[str, Any]:
     """Rank the corpus for each user of ``part`` with the model and with popularity.
+
+    Each user's query is that of the user's first row in ``part`` (a featurized model's context, such as the
+    event time, is that row's). A model that answers cold users (a featurized one, from their other features)
+    ranks them itself; an id model leaves them to popularity. ``ranking=False`` computes only TFRS's top-K
+    accuracy.
 
     Returns:
         ``model/{recall,ndcg,hit_rate,precision}@k`` and ``model/mrr``; the same under ``popularity/`` with
@@ -74,49 +80,56 @@ def evaluate_part(
     warm = np.flatnonzero(users >= buckets)
     popular = popularity_index(prepared)
     model.eval()
-    if warm.size:
+    corpus = model.item_index() if ranking or top_k_accuracy else None
+    if warm.size and ranking:
         user_rows, groups = _grouped(users[warm])
         results["model/users"] = int(user_rows.shape[0])
         share = distributed.shard_rows(user_rows.shape[0])
         user_rows, groups = user_rows[share], [warm[group] for group in groups[share]]
-        ranking = CorpusRanking(model.item_index(), ks=ks, name="model")
+        model_ranking = CorpusRanking(corpus, ks=ks, name="model")
         baseline_ranking = CorpusRanking(popular, ks=ks, name="popularity") if baseline else None
         for start in range(0, user_rows.shape[0], batch_size):
             rows = user_rows[start : start + batch_size]
-            relevant = [_relevant_ids(part, item_rows, group) for group in groups[start : start + batch_size]]
+            chunk = groups[start : start + batch_size]
+            relevant = [_relevant_ids(part, item_rows, group) for group in chunk]
             seen = prepared.seen_of(rows)
-            with torch.no_grad():
-                queries = model.user_embedding(torch.from_numpy(rows))
-            ranking.update(queries, relevant, seen)
+            firsts = np.array([group.min() for group in chunk], dtype=np.int64)
+            queries = model.query_embeddings(part, firsts, rows)
+            model_ranking.update(queries, relevant, seen)
             if baseline_ranking is not None:
                 baseline_ranking.update(torch.ones(rows.shape[0], 1), relevant, seen)
-        results.update(ranking.results())
+        results.update(model_ranking.results())
         if baseline_ranking is not None:
             results.update(baseline_ranking.results())
     cold = np.flatnonzero(users < buckets)
-    if cold.size:
+    if cold.size and ranking:
         codes, groups = _grouped(part.user_codes[cold])
         results["cold_users/users"] = int(codes.shape[0])
         groups = groups[distributed.shard_rows(len(groups))]
-        cold_ranking = CorpusRanking(popular, ks=ks, name="cold_users")
+        by_model = model.answers_cold_users
+        cold_ranking = CorpusRanking(corpus if by_model else popular, ks=ks, name="cold_users")
         for start in range(0, len(groups), batch_size):
-            chunk = groups[start : start + batch_size]
-            cold_ranking.update(
-                torch.ones(len(chunk), 1), [_relevant_ids(part, item_rows, cold[group]) for group in chunk]
-            )
+            chunk = [cold[group] for group in groups[start : start + batch_size]]
+            if by_model:
+                firsts = np.array([group.min() for group in chunk], dtype=np.int64)
+                queries = model.query_embeddings(part, firsts, users[firsts])
+            else:
+                queries = torch.ones(len(chunk), 1)
+            cold_ranking.update(queries, [_relevant_ids(part, item_rows, group) for group in chunk])
         results.update(cold_ranking.results())
     if top_k_accuracy:
-        rows = np.flatnonzero((users >= buckets) & (item_rows > 0))
+        eligible = (item_rows > 0) if model.answers_cold_users else (users >= buckets) & (item_rows > 0)
+        rows = np.flatnonzero(eligible)
         if rows.size:  # every rank holds the whole part: all of them agree on whether to sync
             rows = rows[distributed.shard_rows(rows.shape[0])]
-            accuracy = FactorizedTopK(model.item_index(), ks=TOP_K_ACCURACY_KS)
+            accuracy = FactorizedTopK(corpus, ks=TOP_K_ACCURACY_KS)
             for start in range(0, rows.shape[0], batch_size):
-                chosen_users = torch.from_numpy(users[rows[start : start + batch_size]])
-                chosen_items = torch.from_numpy(item_rows[rows[start : start + batch_size]])
+                chosen = rows[start : start + batch_size]
+                chosen_items = torch.from_numpy(item_rows[chosen])
                 with torch.no_grad():
                     accuracy.update(
-                        model.user_embedding(chosen_users),
-                        model.item_embedding(chosen_items),
+                        model.query_embeddings(part, chosen, users[chosen]),
+                        model.candidate_embeddings(chosen_items),
                         true_candidate_ids=chosen_items,
                     )
             results.update(accuracy.results())

@@ -3,7 +3,9 @@
 A run holds ``config.toml`` (the resolved settings: ``twotower train --config RUN/config.toml`` trains it
 again), ``model.safetensors``, ``vocabularies.json``, ``metrics.json``, ``plot.png``, ``data.json`` (the size
 and SHA-256 of the files read, so that re-evaluation refuses changed data) and ``bundle/``, what ``twotower
-serve`` and ``twotower recommend`` answer from; ``manifest.json``, written last, lists every file's SHA-256.
+serve`` and ``twotower recommend`` answer from; a featurized run also ``features.json`` (both towers' fitted
+features and layers) and, with ``track_every``, ``accuracy.png`` (test top-100 accuracy against epoch);
+``manifest.json``, written last, lists every file's SHA-256.
 Nothing in a run is code: safetensors, JSON, TOML and a PNG.
 """
 
@@ -20,12 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from twotower._files import parse_json, read_verified_directory, write_manifest_directory
+from twotower.features import FeatureError, build_feature_tower
 from twotower.indexes import AnisotropicIVF, BruteForce
 from twotower.pipeline.config import ConfigError, PipelineConfig, load_config, make_config, resolved
 from twotower.pipeline.evaluation import evaluate_part
-from twotower.pipeline.model import IdRetrievalModel
+from twotower.pipeline.features import build_tower_inputs, serving_features
+from twotower.pipeline.model import FeatureRetrievalModel, IdRetrievalModel, SoftmaxRetrievalModel
 from twotower.pipeline.prepared import PreparedInteractions
 from twotower.pipeline.training import TrainedModel, build_model, load_interactions, prepare
 from twotower.vocabulary import Vocabulary
@@ -113,6 +118,30 @@ def _plot(history: list[dict[str, float]], test: dict[str, Any], ks: tuple[int, 
     return buffer.getvalue()
 
 
+TRACKED = "test_factorized_top_k/top_100_categorical_accuracy"
+
+
+def _accuracy_plot(history: list[dict[str, float]]) -> bytes | None:
+    """The deep retrieval tutorial's figure: test top-100 accuracy against epoch (``track_every``), or ``None``."""
+    points = [(int(row["epoch"]), row[TRACKED]) for row in history if TRACKED in row]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([epoch for epoch, _ in points], [value for _, value in points], marker=".")
+    axis.set(title="Test top-100 accuracy while training", xlabel="epoch", ylabel="top-100 accuracy")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def _metrics_document(trained: TrainedModel) -> dict[str, Any]:
     return {
         "config": asdict(trained.config),
@@ -142,14 +171,12 @@ TUNING_USERS = 500
 
 
 def item_id_index(
-    model: IdRetrievalModel, prepared: PreparedInteractions, config: PipelineConfig | None = None
+    model: SoftmaxRetrievalModel, prepared: PreparedInteractions, config: PipelineConfig | None = None
 ) -> BruteForce | AnisotropicIVF:
     """The serving index of every item (rows 1..), with the item ids as its ids: exact, or (``serving_index``
     ``"approximate"``, or ``"auto"`` from :data:`APPROXIMATE_FROM` items) an :class:`AnisotropicIVF` tuned for
     ``serving_target_recall`` on the embeddings of up to :data:`TUNING_USERS` users, the queries it will serve."""
-    with torch.no_grad():
-        embeddings = model.item_embedding.weight[1:].detach().clone()
-        users = model.user_embedding.weight[1:].detach()
+    embeddings = model.corpus_embeddings()
     ids = np.asarray(prepared.items.values)
     kind = "exact" if config is None else config.serving_index
     if kind == "auto":
@@ -157,13 +184,24 @@ def item_id_index(
     if kind == "exact":
         return BruteForce(k=100).index(embeddings, ids)
     assert config is not None
-    generator = torch.Generator().manual_seed(config.seed)
-    tuning = users[torch.randperm(users.shape[0], generator=generator)[:TUNING_USERS]].clone()
+    tuning = tuning_queries(model, prepared, config.seed)
     index = AnisotropicIVF(
         k=min(100, embeddings.shape[0]), target_recall=config.serving_target_recall, tuning_queries=tuning,
         seed=config.seed,
     )  # fmt: skip
     return index.index(embeddings, ids)
+
+
+def tuning_queries(model: SoftmaxRetrievalModel, prepared: PreparedInteractions, seed: int) -> torch.Tensor:
+    """Up to :data:`TUNING_USERS` query embeddings of the kind serving answers: rows of the user table (id
+    model), or the queries of randomly chosen training interactions (featurized: their context included)."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(model, IdRetrievalModel):
+        users = model.user_embedding.weight[1:].detach()
+        return users[torch.randperm(users.shape[0], generator=generator)[:TUNING_USERS]].clone()
+    train = prepared.train
+    positions = torch.randperm(len(train), generator=generator)[:TUNING_USERS].numpy()
+    return model.query_embeddings(train, positions, train.users.numpy()[positions])
 
 
 def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite: bool = False) -> Path:
@@ -179,6 +217,7 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
     target = Path(directory)
     check_output_directory(target, overwrite)
     config = resolved(trained.config)
+    model = trained.model
     files: dict[str, bytes] = {
         "config.toml": config.to_toml().encode(),
         "model.safetensors": save({name: tensor.contiguous() for name, tensor in trained.model.state_dict().items()}),
@@ -189,19 +228,31 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
         "data.json": json.dumps(data_fingerprint(config), indent=2).encode(),
         "plot.png": _plot(trained.history, trained.results.get("test", {}), config.ks, trained.best_epoch),
     }
+    accuracy = _accuracy_plot(trained.history)
+    if accuracy is not None:
+        files["accuracy.png"] = accuracy
+    if isinstance(model, FeatureRetrievalModel):
+        files["features.json"] = json.dumps(
+            {"query": model.query_tower.describe(), "candidate": model.candidate_tower.describe()}
+        ).encode()
+        query_tower: nn.Module = model.query_tower
+    else:
+        assert isinstance(model, IdRetrievalModel)
+        query_tower = _Tower(model.user_embedding)
 
     def fill(building: Path) -> None:
         for name, payload in files.items():
             (building / name).write_bytes(payload)
         save_bundle(
             building / "bundle",
-            _Tower(trained.model.user_embedding),
-            item_id_index(trained.model, trained.prepared, config),
+            query_tower,
+            item_id_index(model, trained.prepared, config),
             trained.prepared.users,
             _seen_by_id(trained.prepared),
             {"pipeline": RUN_FORMAT, "config": asdict(config)},
             item_titles=trained.prepared.item_titles,
             popularity=trained.prepared.popularity(),
+            query_features=None if trained.inputs is None else serving_features(config, trained.inputs),
         )
 
     write_manifest_directory(target, RUN_FORMAT, fill)
@@ -210,13 +261,17 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
 
 @dataclass
 class LoadedPipelineRun:
-    """A verified run: its settings, vocabularies, model and saved metrics."""
+    """A verified run: its settings, vocabularies, model and saved metrics.
+
+    ``model`` is the :class:`IdRetrievalModel`, or for a featurized run a module holding its ``query_tower`` and
+    ``candidate_tower`` (the trained weights; their inputs come from the data, see :func:`evaluate_run`).
+    """
 
     directory: Path
     config: PipelineConfig
     users: Vocabulary
     items: Vocabulary
-    model: IdRetrievalModel
+    model: nn.Module
     metrics: dict[str, Any]
     data: dict[str, Any]
 
@@ -242,14 +297,34 @@ def load_pipeline_run(directory: str | os.PathLike[str]) -> LoadedPipelineRun:
     except (KeyError, TypeError, ValueError) as error:
         raise RunDirectoryError(f"{directory}/vocabularies.json: {error}") from error
     torch.manual_seed(config.seed)
-    model = IdRetrievalModel(len(users), len(items), config.embedding_dim, config.init_scale,
-                             precision=config.precision)  # type: ignore[arg-type]  # fmt: skip
     try:
-        model.load_state_dict(load(contents["model.safetensors"]))
-    except (SafetensorError, RuntimeError) as error:
-        raise RunDirectoryError(
-            f"{directory}/model.safetensors does not fit the run's vocabularies: {error}"
-        ) from error
+        tensors = load(contents["model.safetensors"])
+    except SafetensorError as error:
+        raise RunDirectoryError(f"{directory}/model.safetensors is not a safetensors file: {error}") from error
+    model: nn.Module
+    if config.featurized:
+        if "features.json" not in contents:
+            raise RunDirectoryError(f"{directory} is a featurized run but its manifest does not list features.json")
+        described = parse_json(contents["features.json"], f"{directory}/features.json", RunDirectoryError)
+        try:
+            towers = {
+                name: build_feature_tower(described[tower], _prefixed(tensors, name))
+                for tower, name in (("query", "query_tower"), ("candidate", "candidate_tower"))
+            }
+        except (KeyError, TypeError, FeatureError) as error:
+            raise RunDirectoryError(f"{directory}: the towers do not load: {error}") from error
+        if set(tensors) != {f"{name}.{key}" for name, tower in towers.items() for key in tower.state_dict()}:
+            raise RunDirectoryError(f"{directory}/model.safetensors holds tensors no tower has")
+        model = nn.ModuleDict(towers)
+    else:
+        model = IdRetrievalModel(len(users), len(items), config.embedding_dim, config.init_scale,
+                                 precision=config.precision)  # type: ignore[arg-type]  # fmt: skip
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise RunDirectoryError(
+                f"{directory}/model.safetensors does not fit the run's vocabularies: {error}"
+            ) from error
     return LoadedPipelineRun(
         directory=directory,
         config=config,
@@ -259,6 +334,10 @@ def load_pipeline_run(directory: str | os.PathLike[str]) -> LoadedPipelineRun:
         metrics=parse_json(contents["metrics.json"], f"{directory}/metrics.json", RunDirectoryError),
         data=parse_json(contents["data.json"], f"{directory}/data.json", RunDirectoryError),
     )
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {name[len(prefix) + 1 :]: value for name, value in tensors.items() if name.startswith(prefix + ".")}
 
 
 def evaluate_run(directory: str | os.PathLike[str], say: Any = print) -> dict[str, Any]:
@@ -278,7 +357,13 @@ def evaluate_run(directory: str | os.PathLike[str], say: Any = print) -> dict[st
     prepared = prepare(run.config, interactions)
     if prepared.users != run.users or prepared.items != run.items:
         raise RunDirectoryError(f"re-reading the data of {run.directory} gave other vocabularies than the run's")
-    fresh = build_model(run.config, prepared)
+    inputs = None
+    if run.config.featurized:
+        towers: Any = run.model
+        # The saved preprocessing is applied, not fitted again: the run's inputs, exactly.
+        inputs = build_tower_inputs(run.config, interactions, prepared, fitted=(
+            towers["query_tower"].features, towers["candidate_tower"].features))  # fmt: skip
+    fresh = build_model(run.config, prepared, inputs)
     fresh.load_state_dict(run.model.state_dict())
     test = evaluate_part(fresh, prepared, prepared.test, ks=run.config.ks, batch_size=run.config.eval_batch_size)
     metrics = {**run.metrics, "test": test}

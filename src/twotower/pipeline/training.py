@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -15,15 +16,18 @@ from twotower.data.batches import Batches
 from twotower.data.interactions import Interactions, InteractionsError
 from twotower.data.movielens import MovieLens
 from twotower.data.splits import split_interactions
+from twotower.features import FeatureTower
 from twotower.optim import make_optimizer
 from twotower.pipeline.config import PipelineConfig
 from twotower.pipeline.evaluation import evaluate_part
-from twotower.pipeline.model import IdRetrievalModel
+from twotower.pipeline.features import FeatureBatches, TowerInputs, build_tower_inputs, context_columns
+from twotower.pipeline.model import FeatureRetrievalModel, IdRetrievalModel, SoftmaxRetrievalModel
 from twotower.pipeline.prepared import PreparedInteractions, prepare_interactions
 
 
 def _reading_options(config: PipelineConfig) -> dict[str, Any]:
     return {
+        "context_cols": context_columns(config),
         "time_col": config.time_col or None,
         "weight_col": config.weight_col or None,
         "item_id_col": config.item_id_col or None,
@@ -79,15 +83,17 @@ class TrainedModel:
         history: one record per epoch: ``loss`` and, with a validation split, ``val_model/recall@K``.
         best_epoch: the epoch whose weights the model holds.
         results: ``{"test": ...}`` as :func:`~twotower.pipeline.evaluation.evaluate_part` returns.
+        inputs: a featurized model's fitted features and inputs (``None`` for an id model).
     """
 
     config: PipelineConfig
     interactions: Interactions
     prepared: PreparedInteractions
-    model: IdRetrievalModel
+    model: SoftmaxRetrievalModel
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     results: dict[str, Any] = field(default_factory=dict)
+    inputs: TowerInputs | None = None
 
 
 def prepare(config: PipelineConfig, interactions: Interactions) -> PreparedInteractions:
@@ -99,7 +105,7 @@ def prepare(config: PipelineConfig, interactions: Interactions) -> PreparedInter
         validation_fraction=config.validation_fraction,
         test_from=config.test_from or None,
         last_n=config.last_n,
-        seed=config.seed,
+        seed=config.seed if config.split_seed < 0 else config.split_seed,
     )
     prepared = prepare_interactions(interactions, split, config.user_vocabulary, config.user_oov_buckets)
     # A test split of cold users only would report popularity's numbers as the model's: refuse it.
@@ -111,29 +117,43 @@ def prepare(config: PipelineConfig, interactions: Interactions) -> PreparedInter
     return prepared
 
 
-def build_model(config: PipelineConfig, prepared: PreparedInteractions) -> IdRetrievalModel:
-    """The model ``config`` describes, sized for ``prepared``'s vocabularies (seeded with ``config.seed``)."""
+def build_model(
+    config: PipelineConfig, prepared: PreparedInteractions, inputs: TowerInputs | None = None
+) -> SoftmaxRetrievalModel:
+    """The model ``config`` describes, sized for ``prepared``'s vocabularies (seeded with ``config.seed``); a
+    featurized config needs the fitted ``inputs`` (:func:`~twotower.pipeline.features.build_tower_inputs`)."""
     torch.manual_seed(config.seed)
+    softmax: dict[str, Any] = {
+        "item_counts": prepared.item_counts if config.logq else None,
+        "batch_size": config.batch_size,
+        "negatives": config.negatives,
+        "num_negatives": config.num_negatives,
+        "remove_accidental_hits": config.remove_accidental_hits,
+        "precision": config.precision,
+        "seed": config.seed,
+    }
+    if config.featurized:
+        if inputs is None:
+            raise ValueError("a featurized config needs its tower inputs (build_tower_inputs)")
+        towers = [
+            FeatureTower(features, config.embedding_dim, config.layer_sizes, config.l2_normalize, config.init_scale)
+            for features in (inputs.query_features, inputs.candidate_features)
+        ]
+        return FeatureRetrievalModel(towers[0], towers[1], inputs, **softmax)
     return IdRetrievalModel(
         len(prepared.users),
         len(prepared.items),
         embedding_dim=config.embedding_dim,
         init_scale=config.init_scale,
-        item_counts=prepared.item_counts if config.logq else None,
-        batch_size=config.batch_size,
-        negatives=config.negatives,
-        num_negatives=config.num_negatives,
-        remove_accidental_hits=config.remove_accidental_hits,
-        precision=config.precision,  # type: ignore[arg-type]
-        seed=config.seed,
         sparse_embeddings=config.sparse_embeddings,
+        **softmax,
     )
 
 
 def fit(
     config: PipelineConfig,
     prepared: PreparedInteractions,
-    model: IdRetrievalModel,
+    model: SoftmaxRetrievalModel,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> tuple[list[dict[str, float]], int]:
@@ -144,12 +164,18 @@ def fit(
     back to the best epoch's weights.
     """
     train = prepared.train
-    tensors = [train.users, train.items] + ([train.weights] if train.weights is not None else [])
+    featurized = isinstance(model, FeatureRetrievalModel)
+    # A featurized model's batches carry log rows, turned into the query tower's inputs batch by batch.
+    queries = torch.from_numpy(train.log_rows.astype(np.int64)) if featurized else train.users
+    tensors = [queries, train.items] + ([train.weights] if train.weights is not None else [])
     # Under torch.distributed (torchrun) each rank takes its slice of every global batch; the gradients are summed
     # and the task scores every rank's queries against every rank's candidates, so training is the single-process
     # computation on the same global batches.
     batches = Batches(*tensors, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                       shard=distributed.is_distributed())  # fmt: skip
+    batches_or_features: Any = (
+        FeatureBatches(batches, model.inputs) if isinstance(model, FeatureRetrievalModel) else batches
+    )
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.sparse_embeddings)
     early = config.patience > 0 and len(prepared.validation) > 0
     metric = f"model/recall@{config.early_stopping_k}"
@@ -170,10 +196,21 @@ def fit(
                 best.update(score=score, epoch=epoch, state=copy.deepcopy(model.state_dict()), waited=0)
             else:
                 best["waited"] += 1
+        if config.track_every and (epoch % config.track_every == 0 or epoch == config.epochs):
+            tracked = evaluate_part(
+                model, prepared, prepared.test, ks=(config.early_stopping_k,), baseline=False, ranking=False,
+                batch_size=config.eval_batch_size,
+            )  # fmt: skip
+            for key, value in tracked.items():
+                if key.startswith("factorized_top_k/"):
+                    record[f"test_{key}"] = float(value)
+            line += f", test top-100 accuracy {record.get('test_factorized_top_k/top_100_categorical_accuracy', 0):.4f}"
         say(line)
         return bool(early and best["waited"] >= config.patience)
 
-    history = model.fit(batches, optimizer, epochs=config.epochs, progress=progress, on_epoch_end=after_epoch)
+    history = model.fit(
+        batches_or_features, optimizer, epochs=config.epochs, progress=progress, on_epoch_end=after_epoch
+    )
     if early and best["state"] is not None:
         model.load_state_dict(best["state"])
         if best["epoch"] != len(history):
@@ -208,7 +245,8 @@ def train(
         f"interactions; {prepared.users.num_values:,} users and {prepared.items.num_values:,} items in the "
         "vocabularies"
     )
-    model = build_model(config, prepared)
+    inputs = build_tower_inputs(config, interactions, prepared) if config.featurized else None
+    model = build_model(config, prepared, inputs)
     results: dict[str, Any] = {}
     if evaluate_untrained:
         results["untrained"] = evaluate_part(model, prepared, prepared.test, ks=config.ks, baseline=False,
@@ -223,4 +261,5 @@ def train(
         history=history,
         best_epoch=best_epoch,
         results=results,
+        inputs=inputs,
     )
