@@ -21,6 +21,13 @@
    rows only (TF's sparse Adagrad); twotower runs its sparse path (``sparse_embeddings``, sparse_keras_adagrad).
    A warm-up pass, then passes over the batches interleaved as in 1.
 
+7. The deep retrieval tutorial's two-layer featurized model (user id + timestamp buckets + standardised
+   timestamp; title id + title words; dense [64, 32]) at batch 4096 (--deep-batch-sizes), both fed the same
+   training rows in the same order: TFRS's model exactly as the tutorial writes it (its Keras preprocessing
+   layers inside the model, applied to each batch's raw strings and times), twotower's from
+   ``examples/deep_retrieval_2layers.toml`` through the pipeline (the preprocessing fitted and applied once, as
+   a saved run applies it). Warm-up, then interleaved epochs as in 1. (--only-deep runs this section alone.)
+
 Every library runs with 2 threads (TensorFlow's intra- and inter-op pools, torch's pool).
 """
 
@@ -238,6 +245,102 @@ def large_tables(table_rows: int, pairs: int, batch_size: int = 4096, batches: i
     return _interleaved(runs, pairs, batches * batch_size)
 
 
+class TfrsDeepModel(tfrs.Model):  # type: ignore[misc]
+    """The deep retrieval tutorial's ``MovielensModel``: query and candidate models with dense layers."""
+
+    def __init__(self, users: np.ndarray, titles: np.ndarray, timestamps: np.ndarray, layer_sizes: list[int]):
+        super().__init__()
+        layers = tf.keras.layers
+
+        def dense() -> Any:
+            stack = tf.keras.Sequential()
+            for size in layer_sizes[:-1]:
+                stack.add(layers.Dense(size, activation="relu"))
+            stack.add(layers.Dense(layer_sizes[-1]))
+            return stack
+
+        self.user_embedding = tf.keras.Sequential(
+            [layers.StringLookup(vocabulary=users, mask_token=None), layers.Embedding(len(users) + 1, 32)]
+        )
+        buckets = np.linspace(timestamps.min(), timestamps.max(), num=1000)
+        self.timestamp_embedding = tf.keras.Sequential(
+            [layers.Discretization(buckets.tolist()), layers.Embedding(len(buckets) + 1, 32)]
+        )
+        self.normalized_timestamp = layers.Normalization(axis=None)
+        self.normalized_timestamp.adapt(timestamps)
+        self.title_embedding = tf.keras.Sequential(
+            [layers.StringLookup(vocabulary=titles, mask_token=None), layers.Embedding(len(titles) + 1, 32)]
+        )
+        vectorizer = layers.TextVectorization(max_tokens=10_000)
+        vectorizer.adapt(titles)
+        self.title_text_embedding = tf.keras.Sequential(
+            [vectorizer, layers.Embedding(10_000, 32, mask_zero=True), layers.GlobalAveragePooling1D()]
+        )
+        self.query_dense, self.candidate_dense = dense(), dense()
+        self.task = tfrs.tasks.Retrieval()
+
+    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        stamps = features["timestamp"]
+        query = tf.concat(
+            [self.user_embedding(features["user_id"]), self.timestamp_embedding(stamps),
+             tf.reshape(self.normalized_timestamp(stamps), (-1, 1))], axis=1,
+        )  # fmt: skip
+        titles = features["movie_title"]
+        candidate = tf.concat([self.title_embedding(titles), self.title_text_embedding(titles)], axis=1)
+        return self.task(self.query_dense(query), self.candidate_dense(candidate), compute_metrics=not training)
+
+
+def deep_training(data_dir: str | None, batch_size: int, pairs: int) -> dict[str, list[float]]:
+    """Examples/s of the two-layer featurized model in TFRS and twotower at ``batch_size``."""
+    from pathlib import Path
+
+    from twotower.data.batches import Batches as RowBatches
+    from twotower.pipeline.config import load_config
+    from twotower.pipeline.features import FeatureBatches, build_tower_inputs
+    from twotower.pipeline.training import build_model, load_interactions
+    from twotower.pipeline.training import prepare as prepare_split
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "deep_retrieval_2layers.toml"
+    config = load_config(example, {"batch_size": batch_size, "data_dir": data_dir or "", "seed": 0})
+    interactions = load_interactions(config)
+    split = prepare_split(config, interactions)
+    inputs = build_tower_inputs(config, interactions, split)
+    ours = build_model(config, split, inputs)
+    optimizer = keras_adagrad(ours.parameters())
+    rows = split.train.log_rows[np.random.default_rng(0).permutation(len(split.train))]
+    batches = FeatureBatches(
+        RowBatches(torch.from_numpy(rows.astype(np.int64)), _items_of(split, rows), batch_size=batch_size,
+                   shuffle=False),
+        inputs,
+    )  # fmt: skip
+    # TFRS gets the same rows, as the raw values its preprocessing layers take.
+    users = interactions.user_ids.to_numpy(zero_copy_only=False).astype(str)
+    items = interactions.item_ids.to_numpy(zero_copy_only=False).astype(str)
+    assert interactions.timestamps is not None
+    stamps = interactions.timestamps
+    tf.keras.utils.set_random_seed(0)
+    theirs = TfrsDeepModel(np.unique(users), np.unique(items), stamps.astype(np.float64), list(config.layer_sizes))
+    theirs.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=0.1))
+    columns = {
+        "user_id": users[interactions.user_codes[rows]],
+        "movie_title": items[interactions.item_codes[rows]],
+        "timestamp": stamps[rows],
+    }
+    data = tf.data.Dataset.from_tensor_slices(columns).batch(batch_size).cache()
+    runs: dict[str, Callable[[], Any]] = {
+        "TFRS": lambda: theirs.fit(data, epochs=1, verbose=0),
+        "twotower": lambda: ours.fit(batches, optimizer, epochs=1, progress=False),
+    }
+    for run in runs.values():
+        run()  # warm-up
+    return _interleaved(runs, pairs, int(rows.shape[0]))
+
+
+def _items_of(split: Any, rows: np.ndarray) -> torch.Tensor:
+    """The item vocabulary rows of log rows ``rows``."""
+    return torch.from_numpy(split.train.item_row_of_code[split.train.log.item_codes[rows]].astype(np.int64))
+
+
 def _print_rates(label: str, rates: dict[str, list[float]]) -> None:
     medians = [statistics.median(rates[name]) for name in LIBRARIES]
     cells = "".join(f"{median:>12,.0f}" for median in medians)
@@ -261,6 +364,9 @@ def main() -> None:
                         help="item-table sizes of the large-table comparison (default 1M and 10M)")  # fmt: skip
     parser.add_argument("--skip-tables", action="store_true", help="leave out the large-table comparison")
     parser.add_argument("--only-tables", action="store_true", help="run the large-table comparison alone")
+    parser.add_argument("--deep-batch-sizes", type=int, nargs="+", default=[4096],
+                        help="batch sizes of the deep featurized model (default 4096)")  # fmt: skip
+    parser.add_argument("--only-deep", action="store_true", help="run the deep featurized comparison alone")
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
@@ -269,16 +375,29 @@ def main() -> None:
     torch.set_num_threads(2)
     print(f"tensorflow {tf.__version__}, tfrs {tfrs.__version__}, torch {torch.__version__}; 2 threads; "
           f"{args.pairs} interleaved rounds per row\n")  # fmt: skip
-    if not args.only_tables:
-        movielens(args)
-    if not args.skip_tables:
-        print(f"\n{'sparse training, batch 4096':<36}{'TFRS ex/s':>12}{'twotower ex/s':>15}{'ratio [min-max]':>22}")
-        for table_rows in args.table_rows:
-            rates = large_tables(table_rows, args.pairs)
-            per_pair = [ours / theirs for ours, theirs in zip(rates["twotower"], rates["TFRS"], strict=True)]
-            print(f"{f'{table_rows:,} item rows':<36}{statistics.median(rates['TFRS']):>12,.0f}"
-                  f"{statistics.median(rates['twotower']):>15,.0f}{statistics.median(per_pair):>10.2f} "
-                  f"[{min(per_pair):.2f}-{max(per_pair):.2f}]")  # fmt: skip
+    if not args.only_deep:
+        if not args.only_tables:
+            movielens(args)
+        if not args.skip_tables:
+            large_table_rows(args)
+    print(f"\n{'deep retrieval [64, 32] + features':<36}{'TFRS ex/s':>12}{'twotower ex/s':>15}{'ratio [min-max]':>22}")
+    for batch_size in args.deep_batch_sizes:
+        rates = deep_training(args.data_dir, batch_size, args.pairs)
+        per_pair = [ours / theirs for ours, theirs in zip(rates["twotower"], rates["TFRS"], strict=True)]
+        print(f"{f'train, batch {batch_size}':<36}{statistics.median(rates['TFRS']):>12,.0f}"
+              f"{statistics.median(rates['twotower']):>15,.0f}{statistics.median(per_pair):>10.2f} "
+              f"[{min(per_pair):.2f}-{max(per_pair):.2f}]")  # fmt: skip
+
+
+def large_table_rows(args: argparse.Namespace) -> None:
+    """Section 6: sparse training on large item tables."""
+    print(f"\n{'sparse training, batch 4096':<36}{'TFRS ex/s':>12}{'twotower ex/s':>15}{'ratio [min-max]':>22}")
+    for table_rows in args.table_rows:
+        rates = large_tables(table_rows, args.pairs)
+        per_pair = [ours / theirs for ours, theirs in zip(rates["twotower"], rates["TFRS"], strict=True)]
+        print(f"{f'{table_rows:,} item rows':<36}{statistics.median(rates['TFRS']):>12,.0f}"
+              f"{statistics.median(rates['twotower']):>15,.0f}{statistics.median(per_pair):>10.2f} "
+              f"[{min(per_pair):.2f}-{max(per_pair):.2f}]")  # fmt: skip
 
 
 def movielens(args: argparse.Namespace) -> None:

@@ -16,7 +16,7 @@ def _features() -> list:  # type: ignore[type-arg]
     return [
         fit_feature(FeatureSpec("user", "id"), ["u1", "u2", "u3"]),
         fit_feature(FeatureSpec("title", "text"), ["red fish", "blue fish", "one fish two fish"]),
-        fit_feature(FeatureSpec("ts", "timestamp", buckets=3, dim=2), [0, 50, 100]),
+        fit_feature(FeatureSpec("ts", "timestamp", buckets=3, dim=2, bucketing="uniform"), [0, 50, 100]),
     ]
 
 

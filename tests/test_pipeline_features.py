@@ -225,3 +225,17 @@ def test_config_round_trip_and_errors() -> None:
     assert not PipelineConfig().featurized
     with pytest.raises(ConfigError, match=r"\[candidate.features\]: feature 'g' \(multi\) takes no \['bigrams'\]"):
         make_config({"candidate_features": {"g": {"type": "multi", "bigrams": True}}})
+
+
+def test_recommend_command_takes_context(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = load_bundle(run / "bundle")
+    capsys.readouterr()
+    argv = ["recommend", "--run", str(run), "--user", "C0004", "-k", "3"]
+    assert main([*argv, "--context", "ts=1500036000", "--context", "device=app"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = bundle.recommend("C0004", k=3, context={"ts": 1_500_036_000, "device": "app"})
+    assert [line.rsplit("[", 1)[1].split("]")[0] for line in printed] == [item for item, _ in expected]
+    assert main([*argv, "--context", "colour=red"]) == 1
+    assert "context names ['colour'], which no query feature reads" in capsys.readouterr().err
+    assert main(["recommend", "--run", str(run), "--user", "C7777", "-k", "3"]) == 0
+    assert "answered by the query tower from the other features" in capsys.readouterr().out

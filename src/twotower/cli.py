@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--user", required=True, help="the user id, e.g. 42")
     recommend.add_argument("-k", type=_positive_int, default=10, help="number of items (default 10)")
     recommend.add_argument("--include-seen", action="store_true", help="do not exclude items seen in training")
+    recommend.add_argument(
+        "--context", action="append", default=[], metavar="COLUMN=VALUE", type=_context_entry,
+        help="a feature tower's context, e.g. --context timestamp=879024327 (numbers are read as numbers; "
+        "repeat for several columns; a column left out takes its feature's default)",
+    )  # fmt: skip
     _add_unknown_users_flag(recommend)
 
     serve = commands.add_parser(
@@ -449,12 +455,28 @@ def _load_served_bundle(path: str, unknown_users: str) -> Any:
     return load_bundle(directory / "bundle", unknown_queries=policy)
 
 
+def _context_entry(text: str) -> tuple[str, str | int | float]:
+    """``COLUMN=VALUE`` as ``(column, value)``: an integer or a finite number where the value reads as one."""
+    column, equals, value = text.partition("=")
+    if not equals or not column:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        if math.isfinite(number):
+            return column, number
+    return column, value
+
+
 def run_recommend(args: argparse.Namespace) -> list[tuple[str, float]]:
     """Answer ``twotower recommend`` from the run's bundle, as ``serve`` would; prints and returns ``(item,
     score)`` pairs (a :class:`~twotower.serving.Recommendations`, whose ``source`` says how it was answered)."""
     bundle = _load_served_bundle(args.run, args.unknown_users)
     try:
-        answer = bundle.recommend(args.user, k=args.k, exclude_seen=not args.include_seen)
+        answer = bundle.recommend(args.user, k=args.k, exclude_seen=not args.include_seen,
+                                  context=dict(args.context))  # fmt: skip
     except KeyError as error:
         raise RunError(
             f"unknown user id {args.user!r}: the run's vocabulary does not hold it (--unknown-users popularity "
@@ -465,6 +487,8 @@ def run_recommend(args: argparse.Namespace) -> list[tuple[str, float]]:
         print(f"user {args.user!r} is not in the run: the most popular training items (score: training count)")
     elif source == "oov":
         print(f"user {args.user!r} is not in the run: answered with the out-of-vocabulary row")
+    elif source == "features":
+        print(f"user {args.user!r} is not in the run: answered by the query tower from the other features")
     for rank, (item, score) in enumerate(answer, start=1):
         title = bundle.title_of(item)
         shown = item if title == item else f"{title} [{item}]"

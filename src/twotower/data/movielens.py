@@ -22,10 +22,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from twotower._files import atomic_write
 from twotower.vocabulary import Vocabulary
@@ -89,6 +90,7 @@ class MovieLens:
         timestamps: ``[n_ratings]`` int64 Unix seconds.
         all_movie_ids: ``[n_movies]`` ids of every movie of the release.
         all_movie_titles: ``[n_movies]`` their titles (several ids may share a title).
+        all_movie_genres: ``[n_movies]`` their genres joined by ``|`` (``""``: none listed).
     """
 
     name: str
@@ -99,9 +101,16 @@ class MovieLens:
     timestamps: np.ndarray
     all_movie_ids: np.ndarray
     all_movie_titles: np.ndarray
+    all_movie_genres: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
 
     def __len__(self) -> int:
         return int(self.user_ids.shape[0])
+
+    def catalogue(self) -> pa.Table:
+        """Every movie of the release: ``movie_id``, ``movie_title``, ``genres`` (joined by ``|``)."""
+        return pa.table(
+            {"movie_id": self.all_movie_ids, "movie_title": self.all_movie_titles, "genres": self.all_movie_genres}
+        )
 
     def split(self, seed: int = 42, train_fraction: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
         """A seeded shuffle split: ``(train_rows, test_rows)``, index arrays into the ratings."""
@@ -235,7 +244,16 @@ def load_movielens(
     return _parse_1m(contents)
 
 
-def _assemble(name: str, rows: list[tuple[str, str, float, int]], movies: dict[str, str]) -> MovieLens:
+#: The genres of MovieLens 100K's ``u.item`` flag columns, in order (its ``u.genre``).
+GENRES_100K = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+
+
+def _assemble(
+    name: str, rows: list[tuple[str, str, float, int]], movies: dict[str, str], genres: dict[str, str]
+) -> MovieLens:
     users = np.array([row[0] for row in rows], dtype=str)
     movie_ids = np.array([row[1] for row in rows], dtype=str)
     missing = set(movie_ids.tolist()) - set(movies)
@@ -250,42 +268,48 @@ def _assemble(name: str, rows: list[tuple[str, str, float, int]], movies: dict[s
         timestamps=np.array([row[3] for row in rows], dtype=np.int64),
         all_movie_ids=np.array(list(movies), dtype=str),
         all_movie_titles=np.array(list(movies.values()), dtype=str),
+        all_movie_genres=np.array([genres.get(movie, "") for movie in movies], dtype=str),
     )
 
 
 def _parse_100k(contents: dict[str, bytes]) -> MovieLens:
-    movies = {}
-    # u.item is Latin-1 and pipe-separated (the README wrongly says tab).
+    movies, genres = {}, {}
+    # u.item is Latin-1 and pipe-separated (the README wrongly says tab); its last 19 fields flag the genres.
     for line in contents["u.item"].decode("latin-1").splitlines():
         if line:
             fields = line.split("|")
             movies[fields[0]] = fields[1]
+            flags = fields[-len(GENRES_100K) :]
+            genres[fields[0]] = "|".join(genre for genre, flag in zip(GENRES_100K, flags, strict=True) if flag == "1")
     rows = []
     for line in contents["u.data"].decode("ascii").splitlines():
         if line:
             user, movie, rating, timestamp = line.split("\t")
             rows.append((user, movie, float(rating), int(timestamp)))
-    return _assemble("100k", rows, movies)
+    return _assemble("100k", rows, movies, genres)
 
 
 def _parse_latest_small(contents: dict[str, bytes]) -> MovieLens:
-    movies = {row["movieId"]: row["title"] for row in csv.DictReader(io.StringIO(contents["movies.csv"].decode()))}
+    listed = list(csv.DictReader(io.StringIO(contents["movies.csv"].decode())))
+    movies = {row["movieId"]: row["title"] for row in listed}
+    none = "(no genres listed)"
+    genres = {row["movieId"]: "" if row["genres"] == none else row["genres"] for row in listed}
     rows = [
         (row["userId"], row["movieId"], float(row["rating"]), int(row["timestamp"]))
         for row in csv.DictReader(io.StringIO(contents["ratings.csv"].decode()))
     ]
-    return _assemble("latest-small", rows, movies)
+    return _assemble("latest-small", rows, movies, genres)
 
 
 def _parse_1m(contents: dict[str, bytes]) -> MovieLens:
-    movies = {}
+    movies, genres = {}, {}
     for line in contents["movies.dat"].decode("latin-1").splitlines():
         if line:
-            movie, title, _ = line.split("::")
-            movies[movie] = title
+            movie, title, listed = line.split("::")
+            movies[movie], genres[movie] = title, listed
     rows = []
     for line in contents["ratings.dat"].decode("latin-1").splitlines():
         if line:
             user, movie, rating, timestamp = line.split("::")
             rows.append((user, movie, float(rating), int(timestamp)))
-    return _assemble("1m", rows, movies)
+    return _assemble("1m", rows, movies, genres)

@@ -12,9 +12,9 @@ numpy and Arrow, so a run or a bundle holds no code. The types (:data:`FEATURE_T
   ``separator``; the values' embeddings are pooled (``pooling``: mean or sum) by an ``EmbeddingBag``.
 - ``numeric``: a number standardised by the training mean and variance (``Normalization``), one column wide,
   and optionally ``buckets`` quantile (or uniform) buckets with an embedding (``Discretization``).
-- ``timestamp``: seconds since the epoch (or an Arrow timestamp), standardised and cut into ``buckets`` equal
-  buckets between the training minimum and maximum (``linspace(min, max, buckets)``, as the TFRS tutorials do),
-  both used.
+- ``timestamp``: seconds since the epoch (or an Arrow timestamp), standardised and cut into ``buckets`` buckets
+  (at training quantiles, or equal ones between the training minimum and maximum, ``linspace(min, max,
+  buckets)``, as the TFRS tutorials do), both used.
 - ``text``: lower-cased, punctuation stripped, split on whitespace (``TextVectorization``'s default), optionally
   with bigrams; tokens through a vocabulary of the ``max_tokens`` most frequent (or hashed), embeddings averaged
   over the tokens (``mask_zero=True`` then ``GlobalAveragePooling1D``). No tokenizer is downloaded.
@@ -74,8 +74,10 @@ class FeatureSpec:
         pooling: ``multi``, ``text``: ``"mean"`` or ``"sum"`` of the values' embeddings.
         buckets: ``numeric`` (default 0: none), ``timestamp`` (default 1000): bucket boundaries, each bucket an
             embedding row (``buckets + 1`` rows).
-        bucketing: ``"uniform"`` (``linspace(min, max, buckets)``) or ``"quantile"`` (training quantiles; numeric's
-            default).
+        bucketing: ``"quantile"`` (the default: boundaries at training quantiles, so every bucket holds as many
+            training rows, and a time past the training period falls in the bucket of the latest training rows) or
+            ``"uniform"`` (``linspace(min, max, buckets)``, as the TFRS tutorials cut timestamps; a later time then
+            falls in a bucket only the training maximum trained).
         normalize: ``numeric``, ``timestamp``: also feed the standardised value as one column.
         max_length: ``multi``, ``text``: values kept per row (0: the longest training row's, at most 256).
         default: for a query feature missing from a serving request: ``"median"`` (numbers: the training median),
@@ -127,7 +129,7 @@ class FeatureSpec:
             object.__setattr__(self, "buckets", 1000 if self.type == "timestamp" else 0)
         _require_int(self.buckets, f"{where}: buckets", 0, 1 << 20)
         if not self.bucketing:
-            object.__setattr__(self, "bucketing", "uniform" if self.type == "timestamp" else "quantile")
+            object.__setattr__(self, "bucketing", "quantile")
         if self.bucketing not in ("uniform", "quantile"):
             raise FeatureError(f"{where}: bucketing must be 'uniform' or 'quantile', got {self.bucketing!r}")
         if self.pooling not in ("mean", "sum"):
@@ -473,10 +475,23 @@ class NumericFeature(FittedFeature):
     """A number (``numeric``) or a time (``timestamp``): the standardised value ``(x - mean) / max(std, 1e-7)``
     (``Normalization``) and/or the row of its bucket, ``searchsorted(boundaries, x, "right")`` of
     ``len(boundaries) + 1`` rows (``Discretization``: bucket ``i`` holds ``boundaries[i-1] <= x < boundaries[i]``).
-    A missing value is the training median."""
+    A missing value is the training median. The standardised value is clipped to the training range: after a time
+    split every test time lies past the last training time, and an unclipped value (several standard deviations
+    out) through a dense layer moves every test query far from where training left it. (Keras does not clip; with
+    the statistics adapted on every row, as the TFRS tutorials do, nothing lies outside.)"""
 
-    def __init__(self, spec: FeatureSpec, mean: float, variance: float, median: float, boundaries: list[float]):
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        mean: float,
+        variance: float,
+        median: float,
+        boundaries: list[float],
+        minimum: float,
+        maximum: float,
+    ) -> None:
         self.spec, self.mean, self.variance, self.median, self.boundaries = spec, mean, variance, median, boundaries
+        self.minimum, self.maximum = minimum, maximum
 
     @classmethod
     def fit(cls, spec: FeatureSpec, values: Any) -> NumericFeature:
@@ -493,7 +508,8 @@ class NumericFeature(FittedFeature):
             else:
                 cuts = np.quantile(present, np.arange(1, spec.buckets + 1) / (spec.buckets + 1))
                 boundaries = np.unique(cuts).tolist()
-        return cls(spec, float(present.mean()), float(present.var()), float(np.median(present)), boundaries)
+        return cls(spec, float(present.mean()), float(present.var()), float(np.median(present)), boundaries,
+                   float(present.min()), float(present.max()))  # fmt: skip
 
     def inputs(self) -> list[InputShape]:
         shapes = [InputShape(f"{self.spec.name}.value", "value")] if self.spec.normalize else []
@@ -507,24 +523,32 @@ class NumericFeature(FittedFeature):
         out: dict[str, torch.Tensor] = {}
         if self.spec.normalize:
             scale = max(math.sqrt(self.variance), EPSILON)
-            out[f"{self.spec.name}.value"] = torch.from_numpy(((numbers - self.mean) / scale).astype(np.float32))
+            clipped = np.clip(numbers, self.minimum, self.maximum)
+            out[f"{self.spec.name}.value"] = torch.from_numpy(((clipped - self.mean) / scale).astype(np.float32))
         if self.boundaries:
             rows = np.searchsorted(np.asarray(self.boundaries, dtype=np.float64), numbers, side="right")
             out[f"{self.spec.name}.bucket"] = torch.from_numpy(rows.astype(np.int64))
         return out
 
     def state(self) -> dict[str, Any]:
-        return {"mean": self.mean, "variance": self.variance, "median": self.median, "boundaries": self.boundaries}
+        return {"mean": self.mean, "variance": self.variance, "median": self.median, "boundaries": self.boundaries,
+                "minimum": self.minimum, "maximum": self.maximum}  # fmt: skip
 
     @classmethod
     def from_state(cls, spec: FeatureSpec, state: dict[str, Any]) -> NumericFeature:
-        numbers = [state["mean"], state["variance"], state["median"], *state["boundaries"]]
+        numbers = [state["mean"], state["variance"], state["median"], state["minimum"], state["maximum"],
+                   *state["boundaries"]]  # fmt: skip
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in numbers):
             raise FeatureError(f"feature {spec.name!r}: the saved statistics must be finite numbers")
-        if state["variance"] < 0 or list(state["boundaries"]) != sorted(state["boundaries"]):
-            raise FeatureError(f"feature {spec.name!r}: a negative variance or unsorted bucket boundaries")
-        return cls(spec, float(state["mean"]), float(state["variance"]), float(state["median"]),
-                   [float(x) for x in state["boundaries"]])  # fmt: skip
+        if (
+            state["variance"] < 0
+            or list(state["boundaries"]) != sorted(state["boundaries"])
+            or state["minimum"] > state["maximum"]
+        ):
+            raise FeatureError(f"feature {spec.name!r}: a negative variance, unsorted bucket boundaries or range")
+        mean, variance, median = (float(state[name]) for name in ("mean", "variance", "median"))
+        boundaries = [float(x) for x in state["boundaries"]]
+        return cls(spec, mean, variance, median, boundaries, float(state["minimum"]), float(state["maximum"]))
 
 
 class VectorFeature(FittedFeature):

@@ -61,15 +61,17 @@ def evaluate_part(
     """Rank the corpus for each user of ``part`` with the model and with popularity.
 
     Each user's query is that of the user's first row in ``part`` (a featurized model's context, such as the
-    event time, is that row's). A model that answers cold users (a featurized one, from their other features)
-    ranks them itself; an id model leaves them to popularity. ``ranking=False`` computes only TFRS's top-K
+    event time, is that row's). Cold users are ranked by popularity (``cold_users/``) and, by a model that can
+    answer them from their other features (a featurized one), by the model too (``cold_users_model/``): which
+    of the two serves them better is then a measured choice. ``ranking=False`` computes only TFRS's top-K
     accuracy.
 
     Returns:
         ``model/{recall,ndcg,hit_rate,precision}@k`` and ``model/mrr``; the same under ``popularity/`` with
         ``baseline``; ``factorized_top_k/top_{k}_categorical_accuracy`` with ``top_k_accuracy``; for cold users
         (answered by popularity) ``cold_users/...``, present only when there are some; and the counts of
-        :func:`~twotower.pipeline.prepared.describe_cold` under ``split/``.
+        :func:`~twotower.pipeline.prepared.describe_cold` under ``split/``; a featurized model's ranking of the
+        cold users under ``cold_users_model/``.
     """
     if len(part) == 0:
         raise ValueError("the part to evaluate holds no interactions")
@@ -106,20 +108,20 @@ def evaluate_part(
         codes, groups = _grouped(part.user_codes[cold])
         results["cold_users/users"] = int(codes.shape[0])
         groups = groups[distributed.shard_rows(len(groups))]
-        by_model = model.answers_cold_users
-        cold_ranking = CorpusRanking(corpus if by_model else popular, ks=ks, name="cold_users")
+        cold_ranking = CorpusRanking(popular, ks=ks, name="cold_users")
+        by_model = CorpusRanking(corpus, ks=ks, name="cold_users_model") if model.answers_cold_users else None
         for start in range(0, len(groups), batch_size):
             chunk = [cold[group] for group in groups[start : start + batch_size]]
-            if by_model:
+            relevant = [_relevant_ids(part, item_rows, group) for group in chunk]
+            cold_ranking.update(torch.ones(len(chunk), 1), relevant)
+            if by_model is not None:
                 firsts = np.array([group.min() for group in chunk], dtype=np.int64)
-                queries = model.query_embeddings(part, firsts, users[firsts])
-            else:
-                queries = torch.ones(len(chunk), 1)
-            cold_ranking.update(queries, [_relevant_ids(part, item_rows, group) for group in chunk])
+                by_model.update(model.query_embeddings(part, firsts, users[firsts]), relevant)
         results.update(cold_ranking.results())
+        if by_model is not None:
+            results.update(by_model.results())
     if top_k_accuracy:
-        eligible = (item_rows > 0) if model.answers_cold_users else (users >= buckets) & (item_rows > 0)
-        rows = np.flatnonzero(eligible)
+        rows = np.flatnonzero((users >= buckets) & (item_rows > 0))
         if rows.size:  # every rank holds the whole part: all of them agree on whether to sync
             rows = rows[distributed.shard_rows(rows.shape[0])]
             accuracy = FactorizedTopK(corpus, ks=TOP_K_ACCURACY_KS)

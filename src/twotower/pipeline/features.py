@@ -62,7 +62,7 @@ def column_names(path: str | os.PathLike[str]) -> list[str]:
 
 
 #: The catalogue columns of a MovieLens release read as a log (see :func:`~twotower.pipeline.movielens_interactions`).
-MOVIELENS_CATALOGUE = ("movie_id", "movie_title")
+MOVIELENS_CATALOGUE = ("movie_id", "movie_title", "genres")
 
 
 def sources(
@@ -182,7 +182,12 @@ def build_tower_inputs(
     catalogue_columns, user_table_columns = feature_tables(config)
     found = sources(config, catalogue_columns, user_table_columns)
     query, candidate = query_specs(config), candidate_specs(config)
-    if catalogue is None and config.items and any(found["candidate:" + spec.name] == CATALOGUE for spec in candidate):
+    from_catalogue = any(found["candidate:" + spec.name] == CATALOGUE for spec in candidate)
+    if catalogue is None and from_catalogue and config.movielens_release is not None:
+        from twotower.data.movielens import load_movielens
+
+        catalogue = load_movielens(config.movielens_release, data_dir=config.data_dir or None).catalogue()
+    if catalogue is None and config.items and from_catalogue:
         id_col = config.item_id_col or config.item_col
         wanted = [id_col, *(spec.column for spec in candidate if found["candidate:" + spec.name] == CATALOGUE)]
         catalogue = read_table(config.items, list(dict.fromkeys(wanted)), id_columns=(id_col,))

@@ -39,7 +39,8 @@ def _reading_options(config: PipelineConfig) -> dict[str, Any]:
 
 def movielens_interactions(data: MovieLens, config: PipelineConfig) -> Interactions:
     """A MovieLens release as an interaction log: its ratings (columns ``user_id``, ``movie_id``, ``movie_title``,
-    ``rating``, ``timestamp``), with every movie of the release (``movie_id``, ``movie_title``) as the catalogue."""
+    ``rating``, ``timestamp``), with every movie of the release (``movie_id``, ``movie_title``, ``genres``: joined
+    by ``|``) as the catalogue."""
     table = pa.table(
         {
             "user_id": data.user_ids,
@@ -49,7 +50,7 @@ def movielens_interactions(data: MovieLens, config: PipelineConfig) -> Interacti
             "timestamp": data.timestamps,
         }
     )
-    catalogue = pa.table({"movie_id": data.all_movie_ids, "movie_title": data.all_movie_titles})
+    catalogue = data.catalogue()
     return Interactions.from_arrow(
         table, config.user_col, config.item_col, items=catalogue, source=f"MovieLens {data.name}",
         **_reading_options(config),
