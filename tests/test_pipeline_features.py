@@ -14,10 +14,11 @@ import torch
 from test_pipeline import _write_csv
 from twotower.cli import main
 from twotower.features import FeatureSpec, transform_all
+from twotower.indexes import AnisotropicIVF
 from twotower.pipeline import load_pipeline_run
 from twotower.pipeline.config import ConfigError, PipelineConfig, load_config, make_config
 from twotower.pipeline.features import build_tower_inputs
-from twotower.pipeline.runs import evaluate_run
+from twotower.pipeline.runs import evaluate_run, item_id_index
 from twotower.pipeline.training import build_model, load_interactions, prepare
 from twotower.serving import load_bundle
 
@@ -149,6 +150,11 @@ def test_saved_run_and_bundle_give_bit_identical_scores(run: Path) -> None:
     assert [item for item, _ in answer] == [ids[int(row)] for row in torch.argsort(scores, descending=True)[:5]]
     for item, score in answer:
         assert score == pytest.approx(float(scores[ids.index(item)]), rel=1e-6)
+    # An approximate serving index is tuned on the queries of training interactions, context included.
+    approximate = item_id_index(model, prepared, config.replace(serving_index="approximate", serving_target_recall=1.0))
+    assert isinstance(approximate, AnisotropicIVF)
+    found = approximate.search(query.float(), k=5)
+    assert [ids[int(row)] for row in torch.argsort(scores, descending=True)[:5]] == list(np.asarray(found.ids)[0])
 
 
 def test_serving_with_and_without_context(run: Path) -> None:
@@ -223,6 +229,8 @@ def test_config_round_trip_and_errors() -> None:
 
     assert make_config(_flatten(tomllib.loads(config.to_toml()), "x")) == config
     assert not PipelineConfig().featurized
+    with pytest.raises(ConfigError, match="sparse_embeddings is for id towers"):
+        make_config({"layer_sizes": [8], "sparse_embeddings": True})
     with pytest.raises(ConfigError, match=r"\[candidate.features\]: feature 'g' \(multi\) takes no \['bigrams'\]"):
         make_config({"candidate_features": {"g": {"type": "multi", "bigrams": True}}})
 

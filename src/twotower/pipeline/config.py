@@ -175,6 +175,10 @@ class PipelineConfig:
             isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 65536 for size in sizes
         ):
             raise ConfigError(f"layer_sizes must be a list of ints in [1, 65536], got {sizes!r}")
+        if self.sparse_embeddings and self.featurized:
+            raise ConfigError(
+                "sparse_embeddings is for id towers: feature towers train their tables densely (leave it off)"
+            )
         if self.split_seed < -1:
             raise ConfigError(f"split_seed must be >= 0 (or -1: the seed), got {self.split_seed}")
         if self.track_every < 0:
