@@ -170,6 +170,10 @@ def test_serving_with_and_without_context(run: Path) -> None:
     new = bundle.recommend(NEW_USER, k=10)
     assert new.source == "features"
     assert sum(int(item[1:]) % CLUSTERS == 2 for item, _ in new) >= 8, new
+    # Popularity instead, when asked for: the training counts' order, whatever the features say.
+    popular = load_bundle(run / "bundle", unknown_queries="popularity").recommend(NEW_USER, k=3)
+    assert popular.source == "popularity"
+    assert list(popular) == [(item, count) for item, count in bundle.popularity[:3]]
     with pytest.raises(ValueError, match=r"context: context names \['colour'\], which no query feature reads"):
         bundle.recommend("C0004", context={"colour": "red"})
     with pytest.raises(ValueError, match="column 'ts' must hold numbers"):
@@ -247,3 +251,17 @@ def test_recommend_command_takes_context(run: Path, capsys: pytest.CaptureFixtur
     assert "context names ['colour'], which no query feature reads" in capsys.readouterr().err
     assert main(["recommend", "--run", str(run), "--user", "C7777", "-k", "3"]) == 0
     assert "answered by the query tower from the other features" in capsys.readouterr().out
+
+
+def test_features_policy_needs_a_feature_tower() -> None:
+    from torch import nn
+
+    from twotower.indexes import BruteForce
+    from twotower.serving import Bundle
+    from twotower.vocabulary import Vocabulary
+
+    index = BruteForce(k=2).index(torch.eye(2), ["x", "y"])
+    tower = nn.Sequential(nn.Embedding(2, 2))
+    assert Bundle(tower, index, Vocabulary(["a"]), {}, {}).unknown_queries == "popularity"  # auto, for an id tower
+    with pytest.raises(ValueError, match="'features' needs a feature tower that reads more than the user id"):
+        Bundle(tower, index, Vocabulary(["a"]), {}, {}, unknown_queries="features")

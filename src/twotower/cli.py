@@ -185,10 +185,11 @@ def _add_pipeline_flags(parser: argparse.ArgumentParser) -> None:
 def _add_unknown_users_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unknown-users",
-        choices=["popularity", "oov", "error"],
-        default="popularity",
-        help="a user the run does not know gets the most popular items (default), the out-of-vocabulary row's "
-        "answer, or an error; answers say which",
+        choices=["auto", "popularity", "features", "oov", "error"],
+        default="auto",
+        help="a user the run does not know gets the most popular items, a feature tower's answer from the other "
+        "features, the out-of-vocabulary row's answer, or an error; auto (default): features for a feature "
+        "tower that reads more than the user id, else popularity; answers say which",
     )
 
 

@@ -48,9 +48,11 @@ MAX_K = 1000
 MAX_EXCLUSIONS = 10_000
 MAX_BODY_BYTES = 1 << 20
 #: How a bundle answers a query id its vocabulary does not hold: the most popular training items
-#: (``"popularity"``), the tower's out-of-vocabulary row (``"oov"``), or a ``KeyError`` / HTTP 404 (``"error"``).
-UnknownQueries = Literal["popularity", "oov", "error"]
-UNKNOWN_QUERY_POLICIES = ("popularity", "oov", "error")
+#: (``"popularity"``), a feature tower's answer from the request's other features (``"features"``), the tower's
+#: out-of-vocabulary row (``"oov"``), or a ``KeyError`` / HTTP 404 (``"error"``); ``"auto"``: ``"features"`` for
+#: a feature tower that reads more than the id, else ``"popularity"``.
+UnknownQueries = Literal["auto", "popularity", "features", "oov", "error"]
+UNKNOWN_QUERY_POLICIES = ("auto", "popularity", "features", "oov", "error")
 # A popularity ranking long enough for any request: MAX_K items left after MAX_EXCLUSIONS are removed.
 POPULARITY_DEPTH = MAX_K + MAX_EXCLUSIONS
 
@@ -209,15 +211,18 @@ class Bundle:
     popularity: list[tuple[str, float]] = field(default_factory=list)
     #: what an unknown query id gets (see :data:`UnknownQueries`): the popularity ranking where the bundle
     #: has one, else a ``KeyError``.
-    unknown_queries: UnknownQueries = "popularity"
-    #: a feature tower's request preprocessing (``None`` for an id tower): with features beyond the id, an
-    #: unknown user is answered by the tower from them (source ``"features"``) unless ``unknown_queries`` is
-    #: ``"error"``.
+    unknown_queries: UnknownQueries = "auto"
+    #: a feature tower's request preprocessing (``None`` for an id tower).
     query_features: RequestFeatures | None = None
 
     def __post_init__(self) -> None:
         if self.unknown_queries not in UNKNOWN_QUERY_POLICIES:
             raise ValueError(f"unknown_queries must be one of {UNKNOWN_QUERY_POLICIES}, got {self.unknown_queries!r}")
+        by_features = self.query_features is not None and self.query_features.uses_more_than_the_id
+        if self.unknown_queries == "features" and not by_features:
+            raise ValueError("unknown_queries 'features' needs a feature tower that reads more than the user id")
+        if self.unknown_queries == "auto":
+            self.unknown_queries = "features" if by_features else "popularity"
 
     def title_of(self, item: str) -> str:
         """The item's display title: from the bundle's item map, else the id itself."""
@@ -257,9 +262,6 @@ class Bundle:
         except FeatureError as error:
             raise ValueError(f"context: {error}") from None
 
-    def _by_features(self) -> bool:
-        return self.query_features is not None and self.query_features.uses_more_than_the_id
-
     def recommend_batch(self, queries: Sequence["Query"]) -> list[Recommendations | KeyError]:
         """Answer several queries with one tower call and one index search per distinct ``k``.
 
@@ -278,18 +280,15 @@ class Bundle:
         buckets = self.vocabulary.num_oov_buckets
         unknown = [] if hashing else [position for position, row in enumerate(rows.tolist()) if row < buckets]
         sources = ["model"] * len(queries)
-        if self._by_features() and self.unknown_queries != "error":
+        if self.unknown_queries in ("oov", "features"):
             for position in unknown:
-                sources[position] = "features"
-            unknown = []
+                sources[position] = self.unknown_queries
         if self.unknown_queries == "popularity" and self.popularity:
             for position in unknown:
                 answers[position] = self._popular(queries[position])
-        elif self.unknown_queries == "oov":
-            for position in unknown:
-                sources[position] = "oov"
-        # Unknown ids are answered by the tower only with "oov"; otherwise by popularity above, or a KeyError.
-        not_by_tower = set(unknown) if self.unknown_queries != "oov" else set()
+        # Unknown ids are answered by the tower only with "oov" or "features"; otherwise by popularity above, or a
+        # KeyError.
+        not_by_tower = set(unknown) if self.unknown_queries not in ("oov", "features") else set()
         known = [position for position in range(len(queries)) if position not in not_by_tower]
         if not known:
             return answers
@@ -440,7 +439,7 @@ class MicroBatcher:
 def load_bundle(
     directory: str | os.PathLike[str],
     expected_manifest_sha256: str | None = None,
-    unknown_queries: UnknownQueries = "popularity",
+    unknown_queries: UnknownQueries = "auto",
 ) -> Bundle:
     """Load a bundle written by :func:`save_bundle`, verifying every file against the manifest.
 
