@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train, evaluate and save a model on your own interaction log (or the MovieLens reference workload)",
         description="With --interactions or --config: read the log (CSV, Parquet), split it, fit the vocabularies, "
-        "train id towers with early stopping, print the test table beside the popularity baseline and save the run "
+        "train id towers (or, with [query.features] / [candidate.features] in the config, feature towers) with early "
+        "stopping, print the test table beside the popularity baseline and save the run "
         "to --out (config.toml in it reproduces the run). Flags override the config file. Without them: the "
         "quickstart's MovieLens workload without the examples, which also runs under 'torchrun --nproc-per-node "
         "N' (negatives shared across processes, gradients summed; rank 0 prints and saves).",
