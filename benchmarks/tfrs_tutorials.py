@@ -7,9 +7,9 @@ the published numbers.
 Each example of ``examples/`` runs through the pipeline exactly as ``twotower train --config examples/<name>.toml``
 does (the tutorials' split, fixed by ``split_seed = 42``; the seed changes the initialisation and the shuffling).
 Also run: the two-layer deep model with the logQ correction, and with mixed negatives (1,024 uniform samples per
-batch) and the logQ correction, to show what they add. Prints the mean, standard deviation, minimum and maximum of the test top-100
-accuracy (TFRS's ``factorized_top_k/top_100_categorical_accuracy``; for the deep models the last of the
-every-5-epochs validations, as the tutorial reports) and, with ``--json``, writes every run's history.
+batch) and the logQ correction, to show what they add. Prints the mean, standard deviation, minimum and maximum
+of the test top-100 accuracy (TFRS's ``factorized_top_k/top_100_categorical_accuracy``; for the deep models the
+last of the every-5-epochs validations, as the tutorial reports) and, with ``--json``, writes every run's history.
 """
 
 from __future__ import annotations
