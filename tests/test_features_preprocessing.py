@@ -58,6 +58,7 @@ def test_text_feature_vocabulary_by_frequency_and_padding() -> None:
     assert isinstance(feature, BagFeature)
     assert feature.vocabulary.known_values() == ["heat", "of", "story"]
     assert feature.length == 4  # the longest title's tokens
+    assert feature.summary() == "title (text: 5 rows)"  # padding, OOV and 3 tokens
     rows = feature.transform(["story of toy", "", None])["title"].tolist()
     # Row 0 padding; OOV 1; heat 2, of 3, story 4.
     assert rows == [[4, 3, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
@@ -95,6 +96,7 @@ def test_timestamp_feature_buckets_and_standardisation() -> None:
     expected = np.array([-20, -15, 20, 20, 0], dtype=np.float64) / std  # 100 is clipped to the training maximum
     np.testing.assert_allclose(out["ts.value"].numpy(), expected, rtol=1e-6)
     assert feature.inputs()[1].rows == 6
+    assert feature.summary() == "ts (timestamp: standardised, 6 rows)"
 
 
 def test_timestamp_feature_reads_arrow_timestamps_as_seconds() -> None:

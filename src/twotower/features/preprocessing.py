@@ -240,6 +240,19 @@ class FittedFeature:
     def state(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def summary(self) -> str:
+        """One line: the feature, its type and fitted size, e.g. ``title (text from movie_title, 3,050 tokens)``."""
+        source = "" if self.spec.column == self.spec.name else f" from {self.spec.column}"
+        sizes = []
+        for shape in self.inputs():
+            if shape.kind in ("rows", "bag"):
+                sizes.append(f"{shape.rows:,} rows")
+            elif shape.kind == "vector":
+                sizes.append(f"{shape.width} wide")
+            else:
+                sizes.append("standardised")
+        return f"{self.spec.name} ({self.spec.type}{source}: {', '.join(sizes)})"
+
     def to_json(self) -> dict[str, Any]:
         """``{"spec": ..., "state": ...}``, which :func:`feature_from_json` turns back into an equal feature."""
         return {"spec": asdict(self.spec), "state": self.state()}

@@ -247,6 +247,10 @@ def train(
         "vocabularies"
     )
     inputs = build_tower_inputs(config, interactions, prepared) if config.featurized else None
+    if inputs is not None:
+        layers = f" -> dense {list(config.layer_sizes)}" if config.layer_sizes else ""
+        for tower, features in (("query", inputs.query_features), ("candidate", inputs.candidate_features)):
+            say(f"{tower} tower: {' + '.join(feature.summary() for feature in features)}{layers}")
     model = build_model(config, prepared, inputs)
     results: dict[str, Any] = {}
     if evaluate_untrained:
