@@ -213,7 +213,7 @@ class Interactions:
                 pieces.append(chunk)
             start += len(batch[0])
         context = {
-            name: pa.chunked_array(pieces).combine_chunks() if pieces else pa.array([])
+            name: pa.chunked_array(pieces, type=table.column_type(name)).combine_chunks()
             for name, pieces in carried.items()
         }
         del table

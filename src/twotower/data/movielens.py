@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -106,11 +107,13 @@ class MovieLens:
     def __len__(self) -> int:
         return int(self.user_ids.shape[0])
 
+    #: The columns of :meth:`catalogue`.
+    CATALOGUE_COLUMNS: ClassVar[tuple[str, str, str]] = ("movie_id", "movie_title", "genres")
+
     def catalogue(self) -> pa.Table:
         """Every movie of the release: ``movie_id``, ``movie_title``, ``genres`` (joined by ``|``)."""
-        return pa.table(
-            {"movie_id": self.all_movie_ids, "movie_title": self.all_movie_titles, "genres": self.all_movie_genres}
-        )
+        columns = (self.all_movie_ids, self.all_movie_titles, self.all_movie_genres)
+        return pa.table(dict(zip(self.CATALOGUE_COLUMNS, columns, strict=True)))
 
     def split(self, seed: int = 42, train_fraction: float = 0.8) -> tuple[np.ndarray, np.ndarray]:
         """A seeded shuffle split: ``(train_rows, test_rows)``, index arrays into the ratings."""

@@ -241,7 +241,8 @@ class FittedFeature:
         raise NotImplementedError
 
     def summary(self) -> str:
-        """One line: the feature, its type and fitted size, e.g. ``title (text from movie_title, 3,050 tokens)``."""
+        """One line: the feature, its type, source column and fitted sizes, e.g. ``title_text (text from
+        movie_title: 2,468 rows)``."""
         source = "" if self.spec.column == self.spec.name else f" from {self.spec.column}"
         sizes = []
         for shape in self.inputs():
@@ -307,6 +308,23 @@ def _strings(values: pa.Array, spec: FeatureSpec) -> pa.Array:
     raise FeatureError(
         f"feature {spec.name!r} ({spec.type}): column {spec.column!r} must hold strings or integers, got {kind}"
     )
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def seconds_since_epoch(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """An Arrow timestamp or date column as float seconds since the epoch; any other column as it is."""
+    if pa.types.is_timestamp(values.type):
+        return pc.divide(pc.cast(pc.cast(values, pa.timestamp("us")), pa.int64()), 1_000_000.0)
+    if pa.types.is_date(values.type):
+        return pc.multiply(pc.cast(pc.cast(values, pa.date32()), pa.int32()), 86_400.0)
+    return values
 
 
 def _lookup(vocabulary: Vocabulary, strings: pa.Array, offset: int) -> np.ndarray:
@@ -398,34 +416,28 @@ class BagFeature(FittedFeature):
     def __init__(self, spec: FeatureSpec, vocabulary: Vocabulary, length: int) -> None:
         self.spec, self.vocabulary, self.length = spec, vocabulary, length
 
-    def _lists(self, values: Any) -> pa.Array:
-        array = _as_array(values, self.spec)
-        if self.spec.type == "text":
-            if not (
-                pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_null(array.type)
-            ):
+    @staticmethod
+    def _lists(spec: FeatureSpec, values: Any) -> pa.Array:
+        """Each row's values (``multi``) or tokens (``text``) as an Arrow list array."""
+        array = _as_array(values, spec)
+        if spec.type == "text":
+            if not (_is_text(array.type) or pa.types.is_null(array.type)):
                 raise FeatureError(
-                    f"feature {self.spec.name!r} (text): column {self.spec.column!r} must hold strings, got "
-                    f"{array.type}"
+                    f"feature {spec.name!r} (text): column {spec.column!r} must hold strings, got {array.type}"
                 )
-            return tokenize(array, self.spec.bigrams)
-        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-            return pc.split_pattern(pc.cast(array, pa.large_string()), pattern=self.spec.separator)
-        if (
-            pa.types.is_list(array.type)
-            or pa.types.is_large_list(array.type)
-            or pa.types.is_fixed_size_list(array.type)
-        ):
+            return tokenize(array, spec.bigrams)
+        if _is_text(array.type):
+            return pc.split_pattern(pc.cast(array, pa.large_string()), pattern=spec.separator)
+        if _is_list(array.type):
             return array
         raise FeatureError(
-            f"feature {self.spec.name!r} (multi): column {self.spec.column!r} must hold lists or "
-            f"{self.spec.separator!r}-separated strings, got {array.type}"
+            f"feature {spec.name!r} (multi): column {spec.column!r} must hold lists or {spec.separator!r}-separated "
+            f"strings, got {array.type}"
         )
 
     @classmethod
     def fit(cls, spec: FeatureSpec, values: Any) -> BagFeature:
-        probe = cls(spec, Vocabulary(["-"]), 1)
-        lists = probe._lists(values)
+        lists = cls._lists(spec, values)
         flat = _strings(pc.list_flatten(lists), spec)
         flat = flat.filter(pc.not_equal(flat, "")) if len(flat) else flat
         vocabulary = _fit_vocabulary(flat, spec, reserved=1)
@@ -436,7 +448,7 @@ class BagFeature(FittedFeature):
         return [InputShape(self.spec.name, "bag", rows=1 + len(self.vocabulary), length=self.length)]
 
     def transform(self, values: Any) -> dict[str, torch.Tensor]:
-        lists = self._lists(values)
+        lists = self._lists(self.spec, values)
         lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = _strings(pc.list_flatten(lists), self.spec)
         parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -465,14 +477,11 @@ def _numbers(values: Any, spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray]:
     """``(float64 values, valid mask)``: timestamps as seconds since the epoch; non-finite values refused."""
     array = _as_array(values, spec)
     kind = array.type
-    if pa.types.is_timestamp(kind):
-        array = pc.divide(pc.cast(pc.cast(array, pa.timestamp("us")), pa.int64()), 1_000_000.0)
-    elif pa.types.is_date(kind):
-        array = pc.multiply(pc.cast(pc.cast(array, pa.date32()), pa.int32()), 86_400.0)
-    elif not (
-        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind) or pa.types.is_boolean(kind)
-    ):
+    readable = (pa.types.is_integer, pa.types.is_floating, pa.types.is_null, pa.types.is_boolean,
+                pa.types.is_timestamp, pa.types.is_date)  # fmt: skip
+    if not any(test(kind) for test in readable):
         raise FeatureError(f"feature {spec.name!r} ({spec.type}): column {spec.column!r} must hold numbers, got {kind}")
+    array = seconds_since_epoch(array)
     valid = pc.is_valid(array).to_numpy(zero_copy_only=False)
     numbers = pc.fill_null(pc.cast(array, pa.float64()), 0.0).to_numpy(zero_copy_only=False).astype(np.float64)
     bad = valid & ~np.isfinite(numbers)
@@ -585,11 +594,7 @@ class VectorFeature(FittedFeature):
     @staticmethod
     def _lists(spec: FeatureSpec, values: Any) -> pa.Array:
         array = _as_array(values, spec)
-        if not (
-            pa.types.is_list(array.type)
-            or pa.types.is_large_list(array.type)
-            or pa.types.is_fixed_size_list(array.type)
-        ):
+        if not _is_list(array.type):
             raise FeatureError(
                 f"feature {spec.name!r} (vector): column {spec.column!r} must hold lists of numbers, got {array.type}"
             )

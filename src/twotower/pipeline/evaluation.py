@@ -41,6 +41,11 @@ def _grouped(keys: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     return distinct, np.split(order, starts[1:])
 
 
+def _first_rows(groups: Sequence[np.ndarray]) -> np.ndarray:
+    """Each group's first position in the part: the row whose query (context included) ranks for its user."""
+    return np.array([group.min() for group in groups], dtype=np.int64)
+
+
 def _relevant_ids(part: PartRows, item_rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Item rows of ``positions``; an item outside the vocabulary gets a negative id no index row has."""
     rows = item_rows[positions]
@@ -95,8 +100,7 @@ def evaluate_part(
             chunk = groups[start : start + batch_size]
             relevant = [_relevant_ids(part, item_rows, group) for group in chunk]
             seen = prepared.seen_of(rows)
-            firsts = np.array([group.min() for group in chunk], dtype=np.int64)
-            queries = model.query_embeddings(part, firsts, rows)
+            queries = model.query_embeddings(part, _first_rows(chunk), rows)
             model_ranking.update(queries, relevant, seen)
             if baseline_ranking is not None:
                 baseline_ranking.update(torch.ones(rows.shape[0], 1), relevant, seen)
@@ -115,7 +119,7 @@ def evaluate_part(
             relevant = [_relevant_ids(part, item_rows, group) for group in chunk]
             cold_ranking.update(torch.ones(len(chunk), 1), relevant)
             if by_model is not None:
-                firsts = np.array([group.min() for group in chunk], dtype=np.int64)
+                firsts = _first_rows(chunk)
                 by_model.update(model.query_embeddings(part, firsts, users[firsts]), relevant)
         results.update(cold_ranking.results())
         if by_model is not None:

@@ -25,7 +25,9 @@ import pyarrow.compute as pc
 import torch
 
 from twotower.data.interactions import Interactions, InteractionsError, read_table
+from twotower.data.movielens import MovieLens
 from twotower.features import FeatureError, FeatureSpec, FittedFeature, fit_feature
+from twotower.features.preprocessing import seconds_since_epoch
 from twotower.features.requests import RequestFeatures
 from twotower.pipeline.config import PipelineConfig
 from twotower.pipeline.prepared import PreparedInteractions
@@ -61,10 +63,6 @@ def column_names(path: str | os.PathLike[str]) -> list[str]:
     return list(pacsv.open_csv(location, parse_options=pacsv.ParseOptions(delimiter=delimiter)).schema.names)
 
 
-#: The catalogue columns of a MovieLens release read as a log (see :func:`~twotower.pipeline.movielens_interactions`).
-MOVIELENS_CATALOGUE = ("movie_id", "movie_title", "genres")
-
-
 def sources(
     config: PipelineConfig, catalogue_columns: Sequence[str], user_table_columns: Sequence[str]
 ) -> dict[str, str]:
@@ -94,7 +92,7 @@ def sources(
 def feature_tables(config: PipelineConfig) -> tuple[list[str], list[str]]:
     """The column names of the catalogue and of the user table the config names (empty where none)."""
     if config.movielens_release is not None:
-        catalogue = list(MOVIELENS_CATALOGUE)
+        catalogue = list(MovieLens.CATALOGUE_COLUMNS)
     else:
         catalogue = column_names(config.items) if config.items else []
     return catalogue, column_names(config.users) if config.users else []
@@ -123,6 +121,8 @@ class TowerInputs:
         row_inputs: per log row: the context query inputs.
         item_inputs: per item vocabulary row (``[len(items), ...]``; row 0 is the OOV item): candidate inputs.
         user_table: the user table's feature columns by user id (for serving), or ``None``.
+        query_sources: each query feature's source (:data:`USER`, :data:`TIME`, :data:`USER_TABLE` or
+            :data:`CONTEXT`), in tower order.
     """
 
     query_features: list[FittedFeature]
@@ -132,6 +132,7 @@ class TowerInputs:
     row_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     item_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     user_table: pa.Table | None = None
+    query_sources: list[str] = field(default_factory=list)
 
     def query_inputs(self, log_rows: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """The query tower's inputs of ``log_rows`` (``{name: [len(log_rows), ...]}``)."""
@@ -226,7 +227,8 @@ def build_tower_inputs(
             return _aligned(catalogue, config.item_id_col or config.item_col, item_ids, spec.column, "the catalogue")
         return _first_per_item(interactions, interactions.context[spec.column], item_ids)
 
-    inputs = TowerInputs([], [], interactions.user_codes, user_table=user_table)
+    inputs = TowerInputs([], [], interactions.user_codes, user_table=user_table,
+                         query_sources=[found[spec.name] for spec in query])  # fmt: skip
     for position, spec in enumerate(query):
         values, level = query_values(spec)
         if fitted is not None:
@@ -277,10 +279,8 @@ class FeatureBatches:
 def serving_features(config: PipelineConfig, inputs: TowerInputs) -> RequestFeatures:
     """How the run's bundle turns a request into query inputs: each query feature's source, and the user
     table's feature columns by user id (JSON values: times as seconds)."""
-    catalogue_columns, user_table_columns = feature_tables(config)
-    found = sources(config, catalogue_columns, user_table_columns)
     kinds = {USER: "user", USER_TABLE: "user table", TIME: "context", CONTEXT: "context"}
-    request_sources = [kinds[found[feature.spec.name]] for feature in inputs.query_features]
+    request_sources = [kinds[source] for source in inputs.query_sources]
     table: dict[str, dict[str, Any]] = {}
     if inputs.user_table is not None:
         id_col = config.user_table_id_col or config.user_col
@@ -294,8 +294,4 @@ def serving_features(config: PipelineConfig, inputs: TowerInputs) -> RequestFeat
 
 def _json_values(column: pa.ChunkedArray) -> list[Any]:
     """A column as JSON-ready values: timestamps and dates as seconds since the epoch."""
-    if pa.types.is_timestamp(column.type):
-        column = pc.divide(pc.cast(pc.cast(column, pa.timestamp("us")), pa.int64()), 1_000_000.0)
-    elif pa.types.is_date(column.type):
-        column = pc.multiply(pc.cast(pc.cast(column, pa.date32()), pa.int32()), 86_400)
-    return list(column.to_pylist())
+    return list(seconds_since_epoch(column).to_pylist())

@@ -63,8 +63,8 @@ class SoftmaxRetrievalModel(Model):
             frequency = counts.clamp(min=0.5) / counts.clamp(min=0.5).sum()
             self.in_batch_probability = (1.0 - (1.0 - frequency) ** batch_size).clamp(1e-9, 1.0).to(torch.float32)
 
-    #: Whether users outside the user vocabulary are ranked by the model (from their other features) rather
-    #: than by popularity.
+    #: Whether the model can rank users outside the user vocabulary from their other features (evaluation then
+    #: ranks cold users by the model beside popularity).
     answers_cold_users = False
 
     def query_batch_embeddings(self, batch: Any) -> torch.Tensor:

@@ -32,7 +32,7 @@ from twotower.pipeline.evaluation import evaluate_part
 from twotower.pipeline.features import build_tower_inputs, serving_features
 from twotower.pipeline.model import FeatureRetrievalModel, IdRetrievalModel, SoftmaxRetrievalModel
 from twotower.pipeline.prepared import PreparedInteractions
-from twotower.pipeline.training import TrainedModel, build_model, load_interactions, prepare
+from twotower.pipeline.training import TRACKED_ACCURACY, TrainedModel, build_model, load_interactions, prepare
 from twotower.vocabulary import Vocabulary
 
 RUN_FORMAT = "twotower.pipeline-run/1"
@@ -85,12 +85,29 @@ def check_output_directory(directory: Path, overwrite: bool) -> None:
         raise RunDirectoryError(f"{directory} already holds a run: pass --overwrite to replace it (atomically)")
 
 
-def _plot(history: list[dict[str, float]], test: dict[str, Any], ks: tuple[int, ...], best_epoch: int) -> bytes:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend (no display is needed to draw a run's figures)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _png(figure: Any) -> bytes:
+    """``figure`` laid out and encoded as PNG, then closed."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def _plot(history: list[dict[str, float]], test: dict[str, Any], ks: tuple[int, ...], best_epoch: int) -> bytes:
     from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
 
     figure, (loss_axis, recall_axis) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [int(row["epoch"]) for row in history]
@@ -111,35 +128,19 @@ def _plot(history: list[dict[str, float]], test: dict[str, Any], ks: tuple[int, 
             recall_axis.plot(ks, [test[f"{name}/recall@{k}"] for k in ks], marker=marker, label=f"{name} Recall@K")
     recall_axis.set(title="Test users, training items excluded", xlabel="K", ylabel="Recall@K", xscale="log")
     recall_axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-TRACKED = "test_factorized_top_k/top_100_categorical_accuracy"
+    return _png(figure)
 
 
 def _accuracy_plot(history: list[dict[str, float]]) -> bytes | None:
     """The deep retrieval tutorial's figure: test top-100 accuracy against epoch (``track_every``), or ``None``."""
-    points = [(int(row["epoch"]), row[TRACKED]) for row in history if TRACKED in row]
+    points = [(int(row["epoch"]), row[TRACKED_ACCURACY]) for row in history if TRACKED_ACCURACY in row]
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = _pyplot().subplots(figsize=(6, 4))
     axis.plot([epoch for epoch, _ in points], [value for _, value in points], marker=".")
     axis.set(title="Test top-100 accuracy while training", xlabel="epoch", ylabel="top-100 accuracy")
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def _metrics_document(trained: TrainedModel) -> dict[str, Any]:
@@ -220,7 +221,7 @@ def save_run(directory: str | os.PathLike[str], trained: TrainedModel, overwrite
     model = trained.model
     files: dict[str, bytes] = {
         "config.toml": config.to_toml().encode(),
-        "model.safetensors": save({name: tensor.contiguous() for name, tensor in trained.model.state_dict().items()}),
+        "model.safetensors": save({name: tensor.contiguous() for name, tensor in model.state_dict().items()}),
         "vocabularies.json": json.dumps(
             {"users": trained.prepared.users.to_json(), "items": trained.prepared.items.to_json()}
         ).encode(),

@@ -97,6 +97,10 @@ class TrainedModel:
     inputs: TowerInputs | None = None
 
 
+#: The history key of the test top-100 accuracy that ``track_every`` records.
+TRACKED_ACCURACY = "test_factorized_top_k/top_100_categorical_accuracy"
+
+
 def prepare(config: PipelineConfig, interactions: Interactions) -> PreparedInteractions:
     """Split ``interactions`` and fit the vocabularies as ``config`` says."""
     split = split_interactions(
@@ -165,18 +169,16 @@ def fit(
     back to the best epoch's weights.
     """
     train = prepared.train
-    featurized = isinstance(model, FeatureRetrievalModel)
+    inputs = model.inputs if isinstance(model, FeatureRetrievalModel) else None
     # A featurized model's batches carry log rows, turned into the query tower's inputs batch by batch.
-    queries = torch.from_numpy(train.log_rows.astype(np.int64)) if featurized else train.users
+    queries = train.users if inputs is None else torch.from_numpy(train.log_rows.astype(np.int64))
     tensors = [queries, train.items] + ([train.weights] if train.weights is not None else [])
     # Under torch.distributed (torchrun) each rank takes its slice of every global batch; the gradients are summed
     # and the task scores every rank's queries against every rank's candidates, so training is the single-process
     # computation on the same global batches.
     batches = Batches(*tensors, batch_size=config.batch_size, shuffle=True, seed=config.seed,
                       shard=distributed.is_distributed())  # fmt: skip
-    batches_or_features: Any = (
-        FeatureBatches(batches, model.inputs) if isinstance(model, FeatureRetrievalModel) else batches
-    )
+    batches_or_features: Any = batches if inputs is None else FeatureBatches(batches, inputs)
     optimizer = make_optimizer(config.optimizer, model.parameters(), config.learning_rate, config.sparse_embeddings)
     early = config.patience > 0 and len(prepared.validation) > 0
     metric = f"model/recall@{config.early_stopping_k}"
@@ -205,7 +207,7 @@ def fit(
             for key, value in tracked.items():
                 if key.startswith("factorized_top_k/"):
                     record[f"test_{key}"] = float(value)
-            line += f", test top-100 accuracy {record.get('test_factorized_top_k/top_100_categorical_accuracy', 0):.4f}"
+            line += f", test top-100 accuracy {record.get(TRACKED_ACCURACY, 0):.4f}"
         say(line)
         return bool(early and best["waited"] >= config.patience)
 
