@@ -86,3 +86,13 @@ def test_missing_input_is_named() -> None:
     del inputs["ts.value"]
     with pytest.raises(KeyError, match=r"'ts\.value' is missing"):
         tower(inputs)
+
+
+def test_a_tower_needs_distinct_features_and_sane_layers() -> None:
+    features = _features()
+    with pytest.raises(FeatureError, match="a tower needs at least one feature"):
+        FeatureTower([], embedding_dim=4)
+    with pytest.raises(FeatureError, match=r"distinct names, got \['user', 'user'\]"):
+        FeatureTower([features[0], features[0]], embedding_dim=4)
+    with pytest.raises(FeatureError, match=r"layer_sizes must hold ints in \[1, 65536\], got \[0\]"):
+        FeatureTower(features, embedding_dim=4, layer_sizes=[0])

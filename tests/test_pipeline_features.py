@@ -265,3 +265,23 @@ def test_features_policy_needs_a_feature_tower() -> None:
     assert Bundle(tower, index, Vocabulary(["a"]), {}, {}).unknown_queries == "popularity"  # auto, for an id tower
     with pytest.raises(ValueError, match="'features' needs a feature tower that reads more than the user id"):
         Bundle(tower, index, Vocabulary(["a"]), {}, {}, unknown_queries="features")
+
+
+def test_towers_of_different_widths_and_clashing_context_columns_are_refused() -> None:
+    import pyarrow as pa
+
+    from twotower.data.interactions import Interactions
+    from twotower.features import FeatureTower, fit_feature
+    from twotower.pipeline.features import TowerInputs
+    from twotower.pipeline.model import FeatureRetrievalModel
+
+    users = fit_feature(FeatureSpec("u", "id"), ["a", "b"])
+    items = fit_feature(FeatureSpec("i", "id"), ["x", "y"])
+    inputs = TowerInputs([users], [items], np.zeros(2, dtype=np.int32), item_inputs=items.transform(["x", "x", "y"]))
+    with pytest.raises(ValueError, match=r"the towers' outputs differ in width \(query 4, candidate 8\)"):
+        FeatureRetrievalModel(FeatureTower([users], 4), FeatureTower([items], 8), inputs)
+    log = pa.table({"u": ["a", "b"], "i": ["x", "y"], "ts": [1, 2]})
+    with pytest.raises(ValueError, match=r"context_cols must be distinct and name none of the id, time and weight"):
+        Interactions.from_arrow(log, "u", "i", time_col="ts", context_cols=["ts"])
+    with pytest.raises(ValueError, match="context_cols must be distinct"):
+        Interactions.from_arrow(log, "u", "i", context_cols=["ts", "ts"])
