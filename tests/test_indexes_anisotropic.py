@@ -70,6 +70,20 @@ def test_full_reorder_is_the_exact_top_k_of_the_scanned_partitions(backend: str)
     assert recall_at_k(found.ids, truth.ids) > 0.995
 
 
+def test_a_clustered_corpus_gets_one_partition_per_cluster() -> None:
+    """40 tight clusters of 75 rows and 40 partitions: the index keeps the k-means++ partitions (each one cluster,
+    so every partition holds 75 rows), which are more even than those of random starts."""
+    generator = torch.Generator().manual_seed(4)
+    means = 10.0 * torch.randn(40, 16, generator=generator)
+    corpus = means[torch.arange(3000) % 40] + 0.01 * torch.randn(3000, 16, generator=generator)
+    index = AnisotropicIVF(k=10, leaves=40).index(corpus)
+    assert np.diff(index.snapshot().leaf_offsets).tolist() == [75] * 40
+    rows = index.snapshot().rows
+    for leaf in range(40):
+        start, stop = index.snapshot().leaf_offsets[leaf : leaf + 2]
+        assert len(set((rows[start:stop] % 40).tolist())) == 1
+
+
 def test_small_reorder_keeps_exact_scores_and_high_recall(backend: str) -> None:
     corpus, queries = _clustered(n=20000, d=32)
     index = AnisotropicIVF(k=20, leaves=100, leaves_to_search=20, reorder=200).index(corpus)
@@ -123,40 +137,112 @@ def test_native_candidates_are_the_best_by_the_integer_lookup_tables() -> None:
     assert checked >= 30
 
 
-def test_scalar_kernel_matches_the_vectorized_one(tmp_path: Path) -> None:
-    """The kernel compiled without AVX-512 (the portable loops) finds the same results."""
+def _cpu_flags() -> set[str]:
+    return set(_native._cpu_signature().split())
+
+
+@pytest.mark.parametrize(
+    ("build", "flags", "needs"),
+    [
+        ("portable", ["-O2", "-mno-avx512f", "-mno-avx2"], set()),
+        ("avx2", ["-O3", "-mavx2", "-mfma", "-mbmi2", "-mno-avx512f"], {"avx2", "fma", "bmi2"}),
+    ],
+)
+def test_other_builds_of_the_kernel_match_this_one(
+    tmp_path: Path, build: str, flags: list[str], needs: set[str]
+) -> None:
+    """The kernel compiled without AVX-512 (the AVX2 code) and without either (the portable loops) finds the same
+    results as this machine's build, through the batch and the one-query entry points."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None or _native.load() is None:
         pytest.skip("no C compiler")
+    if not needs <= _cpu_flags():
+        pytest.skip(f"this CPU lacks {sorted(needs - _cpu_flags())}")
     folder = tmp_path / "src"
     folder.mkdir()
     for name in ("ivf.c", "heap.h"):
         (folder / name).write_text(resources.files("twotower").joinpath(f"native/{name}").read_text())
-    library = tmp_path / "libscalar.so"
+    library = tmp_path / f"lib{build}.so"
     subprocess.run(
-        [compiler, "-O2", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC", "-std=c11", str(folder / "ivf.c"), "-o",
-         str(library), "-lm"],
+        [compiler, *flags, "-fopenmp", "-shared", "-fPIC", "-std=c11", str(folder / "ivf.c"), "-o", str(library),
+         "-lm"],
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
-    scalar = ctypes.CDLL(str(library))
-    scalar.twotower_ivf_search.restype = None
-    scalar.twotower_ivf_search.argtypes = _native._SIGNATURES["twotower_ivf_search"]
+    other = ctypes.CDLL(str(library))
+    for name in ("twotower_ivf_search", "twotower_ivf_search_one"):
+        getattr(other, name).restype = ctypes.c_int
+        getattr(other, name).argtypes = _native._SIGNATURES[name]
     corpus, queries = _clustered(n=5000, d=12)
     index = AnisotropicIVF(k=10, leaves=40, leaves_to_search=8, reorder=60).index(corpus)
-    vectorized = index.search(queries)
-
-    class Scalar:
-        twotower_ivf_search = scalar.twotower_ivf_search
+    this_batch = index.search(queries)
+    this_one = [index.search(queries[i : i + 1]) for i in range(20)]
 
     original = _native.load
     try:
-        _native.load = lambda: Scalar  # type: ignore[assignment]
-        portable = index.search(queries)
+        _native.load = lambda: other  # type: ignore[assignment]
+        other_batch = index.search(queries)
+        other_one = [index.search(queries[i : i + 1]) for i in range(20)]
     finally:
         _native.load = original  # type: ignore[assignment]
-    np.testing.assert_array_equal(portable.rows.numpy(), vectorized.rows.numpy())
-    # The same exact scores, up to the order of the float32 additions (16 lanes there, one by one here).
-    np.testing.assert_allclose(portable.scores.numpy(), vectorized.scores.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(other_batch.rows.numpy(), this_batch.rows.numpy())
+    # The same exact scores, up to the order of the float32 additions (16, 8 or 1 lanes).
+    np.testing.assert_allclose(other_batch.scores.numpy(), this_batch.scores.numpy(), rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(this_one, other_one, strict=True):
+        assert torch.equal(mine.rows, theirs.rows)
+        assert torch.equal(mine.ids, theirs.ids)
+        np.testing.assert_allclose(theirs.scores.numpy(), mine.scores.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_query_calls_match_numpy_and_the_batch(backend: str) -> None:
+    """A server's call (one float32 query) takes its own native entry point: the same candidates, scores and
+    ids as numpy's exact top k of the scanned partitions, and exactly what the batch call returns for that row;
+    the dimension (13) is padded inside it."""
+    corpus, queries = _clustered(n=4000, d=13, nq=60)
+    ids = np.arange(4000, dtype=np.int64) * 3 + 11
+    index = AnisotropicIVF(k=8, leaves=20).index(corpus, ids)
+    full = AnisotropicSearchParameters(5, 4000)
+    expected = _exact_in_partitions(index, corpus.numpy(), queries.numpy(), 5, 8)
+    singles = [index.search(queries[i : i + 1], params=full) for i in range(queries.shape[0])]
+    rows = np.concatenate([one.rows.numpy() for one in singles])
+    assert rows.shape == (60, 8)
+    assert np.mean(rows == expected) > 0.99  # float32 rounding may swap near-ties
+    np.testing.assert_array_equal(np.concatenate([one.ids.numpy() for one in singles]), ids[rows])
+    exact = np.take_along_axis(queries.double().numpy() @ corpus.double().numpy().T, rows, 1)
+    np.testing.assert_allclose(np.concatenate([one.scores.numpy() for one in singles]), exact, rtol=1e-5, atol=1e-5)
+    narrow = AnisotropicSearchParameters(3, 40)
+    batch = index.search(queries, params=narrow)
+    for i in range(queries.shape[0]):
+        one = index.search(queries[i : i + 1], params=narrow)
+        assert torch.equal(one.rows, batch.rows[i : i + 1])
+        assert torch.equal(one.ids, batch.ids[i : i + 1])
+        assert torch.equal(one.scores, batch.scores[i : i + 1])
+
+
+def test_one_query_calls_refuse_and_clip_as_batches_do(backend: str) -> None:
+    corpus, queries = _clustered(n=500)
+    index = AnisotropicIVF(k=5, leaves=5).index(corpus)
+    bad = queries[:1].clone()
+    bad[0, 3] = float("inf")
+    with pytest.raises(ValueError, match="queries"):
+        index.search(bad)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        index.search(queries[:1], k=0)
+    # k beyond the corpus is cut to it, as for a batch.
+    tiny = AnisotropicIVF(k=10, leaves=1).index(corpus[:4], np.array([40, 30, 20, 10]))
+    one = tiny.search(queries[:1])
+    assert one.rows.shape == (1, 4)
+    assert sorted(one.ids[0].tolist()) == [10, 20, 30, 40]
+    truth = (queries[:1].double() @ corpus[:4].double().T).argsort(descending=True)
+    assert one.rows[0].tolist() == truth[0].tolist()
+    # String ids, a non-contiguous query and a float64 one take the general path, with the same answer.
+    named = AnisotropicIVF(k=5, leaves=5).index(corpus, np.array([f"item{i}" for i in range(500)]))
+    reference = index.search(queries[:1])
+    strings = named.search(queries[:1])
+    assert strings.ids.tolist() == [[f"item{row}" for row in reference.rows[0].tolist()]]
+    strided = torch.stack([queries[:1], queries[:1]], dim=2)[:, :, 0]
+    assert not strided.is_contiguous()
+    assert torch.equal(index.search(strided).rows, reference.rows)
+    assert torch.equal(index.search(queries[:1].double()).rows, reference.rows)
 
 
 def test_score_pairs_ties_with_the_search(backend: str) -> None:

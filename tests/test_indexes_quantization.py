@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from twotower.indexes import quantization
@@ -29,6 +30,49 @@ def test_kmeans_finds_separated_clusters_and_nearest_matches_numpy() -> None:
     queries = torch.randn(50, 2, generator=generator) * 6
     distances = ((queries.numpy()[:, None, :] - centroids.numpy()[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(quantization.nearest_centroids(queries, centroids).numpy(), distances.argmin(1))
+
+
+def _tight_clusters(clusters: int, per_cluster: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    means = 10.0 * torch.randn(clusters, 8, generator=generator)
+    labels = torch.arange(clusters * per_cluster) % clusters
+    return means[labels] + 0.01 * torch.randn(clusters * per_cluster, 8, generator=generator), labels
+
+
+def test_plus_plus_seeding_finds_every_cluster_that_random_starts_merge() -> None:
+    """60 tight clusters, 60 centroids: k-means++ puts one centroid on each cluster's mean (numpy, float64),
+    so every partition is one cluster; random starts leave some clusters without one, and Lloyd's rounds do not
+    recover them."""
+    points, labels = _tight_clusters(60, 50, seed=3)
+    means = np.stack([points[labels == c].double().numpy().mean(0) for c in range(60)])
+    seeded = quantization.kmeans(points, 60, 10, torch.Generator().manual_seed(0), seeding="plus_plus")
+    assert np.abs(seeded.double().numpy()[:, None, :] - means[None]).max(-1).min(0).max() < 1e-3
+    random_starts = quantization.kmeans(points, 60, 10, torch.Generator().manual_seed(0), seeding="random")
+    missed = np.abs(random_starts.double().numpy()[:, None, :] - means[None]).max(-1).min(0) > 1e-3
+    assert missed.sum() >= 5
+    # The imbalance by hand: sizes of the nearest-centroid partitions, leaves * sum(size^2) / n^2. Two random
+    # starts in one tight cluster split it, and float32 decides the points between them: 1% there.
+    for centroids, tolerance in ((seeded, 1e-12), (random_starts, 1e-2)):
+        nearest = ((points.double().numpy()[:, None, :] - centroids.double().numpy()[None]) ** 2).sum(-1).argmin(1)
+        sizes = np.bincount(nearest, minlength=60).astype(np.float64)
+        expected = 60 * (sizes**2).sum() / sizes.sum() ** 2
+        assert quantization.partition_imbalance(points, centroids) == pytest.approx(expected, rel=tolerance)
+    assert quantization.partition_imbalance(points, seeded) == pytest.approx(1.0)
+    assert quantization.partition_imbalance(points, random_starts) > 1.1
+    with pytest.raises(ValueError, match="seeding must be"):
+        quantization.kmeans(points, 4, 1, torch.Generator(), seeding="farthest")
+
+
+def test_plus_plus_seeding_draws_distinct_points_and_handles_coincident_ones() -> None:
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(500, 4, generator=generator)
+    starts = quantization.kmeans_plus_plus(points, 20, generator)
+    # Every start is one of the points, and no point is drawn twice (its distance is then 0).
+    matches = (starts[:, None, :] == points[None]).all(-1)
+    assert matches.sum(1).tolist() == [1] * 20
+    assert len({int(i) for i in matches.float().argmax(1)}) == 20
+    same = torch.ones(30, 4)  # all points equal: every distance is 0, and the starts are still points
+    assert torch.equal(quantization.kmeans_plus_plus(same, 5, generator), torch.ones(5, 4))
 
 
 def test_encode_is_nearest_codeword_when_isotropic_and_a_coordinate_minimum_otherwise() -> None:

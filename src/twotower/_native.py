@@ -57,9 +57,9 @@ class IvfIndex(ctypes.Structure):
     """The built index as ``native/ivf.c``'s ``ivf_index`` reads it: the arrays' addresses and sizes."""
 
     _fields_ = [
-        *[(name, ctypes.c_void_p) for name in ("centroid_columns", "leaf_offsets", "leaf_blocks", "codes",
-                                              "codebooks", "vectors", "rows")],
-        *[(name, ctypes.c_int64) for name in ("leaves", "subspaces", "sub_dim", "d")],
+        *[(name, ctypes.c_void_p) for name in ("centroid_blocks", "leaf_offsets", "leaf_blocks", "codes",
+                                              "codebooks", "vectors", "rows", "ids")],
+        *[(name, ctypes.c_int64) for name in ("leaves", "subspaces", "sub_dim", "d", "query_d")],
     ]  # fmt: skip
 
 
@@ -155,6 +155,7 @@ _SIGNATURES: dict[str, list[Any]] = {
         ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64,
     ],
+    "twotower_ivf_search_one": [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 3],
     "twotower_softmax_rows": [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_void_p,
                               ctypes.c_int64],
     "twotower_softmax_rows_bf16": [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64,
@@ -207,6 +208,7 @@ def load() -> ctypes.CDLL | None:
             function.restype = None
             function.argtypes = argtypes
         kernel.twotower_ivf_search.restype = ctypes.c_int  # 1: out of memory
+        kernel.twotower_ivf_search_one.restype = ctypes.c_int  # 1: out of memory, 2: a non-finite query
         kernel.twotower_softmax_rows_vectorized.restype = ctypes.c_int
         kernel.twotower_softmax_rows_vectorized.argtypes = []
     except AttributeError as error:

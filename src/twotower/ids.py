@@ -254,6 +254,11 @@ class IdTable:
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
+    @property
+    def integer_ids(self) -> np.ndarray | None:
+        """``[n]`` C-contiguous int64 ids by row (a native search reads them), or ``None`` for string ids."""
+        return None if self.is_string else self._lookup
+
     def take(self, positions: torch.Tensor) -> Ids:
         """Ids at row ``positions`` (any shape); position ``-1`` (an empty slot) gives id ``-1`` or ``""``."""
         return self.take_numpy(positions.detach().cpu().numpy(), positions.device)

@@ -30,6 +30,10 @@
 #define AHEAD 24
 /* bins of the candidate buffer's score histogram (scores within this many units of the best) */
 #define HISTOGRAM 8192
+/* bins of the partition scores' histogram (at most HISTOGRAM: it uses the same memory) */
+#define LEAF_BINS 1024
+/* partitions per group of the centroid table (native/ivf.c's best_leaves; the Python side lays it out) */
+#define LEAF_GROUP 32
 
 /* A candidate is one uint64: its integer score (offset to unsigned) above its position, so that keys compare as
  * (score, position) and move as single words. Positions stay below 2**32 (the index refuses larger corpora). */
@@ -75,13 +79,12 @@ static uint64_t lowest_key(const uint64_t *buf, int64_t n) {
  * more to enter). A histogram of the scores below the highest finds that score in two passes without a branch
  * per entry (quickselect mispredicts about every other comparison); scores spread wider than the histogram fall
  * back to quickselect. Among entries tied at the lowest kept score, the first in the buffer are kept. */
-static int32_t cut_to_best(uint64_t *buf, int64_t n, int64_t keep, uint32_t *histogram) {
-    int32_t top = INT32_MIN;
-    for (int64_t i = 0; i < n; ++i) {
-        int32_t score = key_score(buf[i]);
-        top = score > top ? score : top;
-    }
-    memset(histogram, 0, sizeof(uint32_t) * HISTOGRAM);
+static int32_t cut_to_best(uint64_t *buf, int64_t n, int64_t keep, int32_t top, int32_t threshold,
+                           uint32_t *histogram) {
+    /* top is the highest score in the buffer, and every score exceeds threshold: only the bins down to
+     * threshold + 1 are counted into (after the first cut the scores lie close together) */
+    int64_t spread = (int64_t)top - ((int64_t)threshold + 1);
+    memset(histogram, 0, sizeof(uint32_t) * (size_t)(spread < HISTOGRAM - 1 ? spread + 1 : HISTOGRAM));
     for (int64_t i = 0; i < n; ++i) {
         int64_t below = (int64_t)top - key_score(buf[i]);
         ++histogram[below < HISTOGRAM - 1 ? below : HISTOGRAM - 1];
@@ -97,12 +100,61 @@ static int32_t cut_to_best(uint64_t *buf, int64_t n, int64_t keep, uint32_t *his
     for (int64_t i = 0; i < n; ++i) {
         uint64_t key = buf[i];
         int32_t score = key_score(key);
-        int take = score > lowest || (score == lowest && ties > 0);
-        ties -= take & (score == lowest);
+        /* bitwise, not logical, operators: a branch here mispredicts for about every other entry */
+        int64_t above = score > lowest, tied = (int64_t)(score == lowest) & (int64_t)(ties > 0);
+        ties -= tied;
         buf[kept] = key;
-        kept += take;
+        kept += above | tied;
     }
     return lowest;
+}
+
+/* A float score as a uint32 that orders as the score does (NaN, from an overflowed dot product, lowest). */
+static inline uint32_t score_order(float score) {
+    uint32_t bits;
+    memcpy(&bits, &score, sizeof bits);
+    if (score != score) return 0;
+    return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
+
+static inline float order_score(uint32_t order) {
+    uint32_t bits = order & 0x80000000u ? order & 0x7FFFFFFFu : ~order;
+    float score;
+    memcpy(&score, &bits, sizeof score);
+    return order == 0 ? NAN : score;
+}
+
+/* Sort keys[0..n) in descending order (quicksort, median of three; insertion sort for short runs). */
+static void sort_descending(uint64_t *keys, int64_t n) {
+    while (n > 24) {
+        uint64_t a = keys[0], b = keys[n / 2], c = keys[n - 1];
+        uint64_t pivot = a > b ? (b > c ? b : (a > c ? c : a)) : (a > c ? a : (b > c ? c : b));
+        int64_t i = 0, j = n - 1;
+        while (i <= j) {
+            while (keys[i] > pivot) ++i;
+            while (keys[j] < pivot) --j;
+            if (i <= j) {
+                uint64_t t = keys[i];
+                keys[i++] = keys[j];
+                keys[j--] = t;
+            }
+        }
+        /* [0, j] >= pivot >= [i, n): recurse into the shorter side, loop on the longer */
+        if (j + 1 < n - i) {
+            sort_descending(keys, j + 1);
+            keys += i;
+            n -= i;
+        } else {
+            sort_descending(keys + i, n - i);
+            n = j + 1;
+        }
+    }
+    for (int64_t i = 1; i < n; ++i) {
+        uint64_t key = keys[i];
+        int64_t j = i;
+        for (; j > 0 && keys[j - 1] < key; --j) keys[j] = keys[j - 1];
+        keys[j] = key;
+    }
 }
 
 /* The uint16 totals of one block's 32 candidates: even[i] is candidate 2i's, odd[i] candidate 2i + 1's. */
@@ -128,6 +180,31 @@ static inline void block_totals(const uint8_t *block, const uint8_t *luts, int64
     __m256i o = _mm256_add_epi16(_mm512_castsi512_si256(acc_odd), _mm512_extracti64x4_epi64(acc_odd, 1));
     _mm256_storeu_si256((__m256i *)even, e);
     _mm256_storeu_si256((__m256i *)odd, o);
+#elif defined(__AVX2__)
+    /* The same tables, 32 bytes (one subspace's 16 entries in both 128-bit lanes) per vpshufb. `all` sums each
+     * looked-up pair of bytes as one uint16 (even candidate + 256 * odd one, modulo 2**16) and `odd` the odd
+     * bytes alone: the even totals are all - 256 * odd, exact because they stay below 2**16. */
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    __m256i acc_all = _mm256_setzero_si256(), acc_odd = _mm256_setzero_si256();
+    for (int64_t p = 0; p < pairs; p += 2) {
+        const uint8_t *tables = luts + p * 64;
+        __m256i first = _mm256_loadu_si256((const __m256i *)(block + p * BLOCK));
+        __m256i second = _mm256_loadu_si256((const __m256i *)(block + (p + 1) * BLOCK));
+        __m256i a = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)tables), _mm256_and_si256(first, nibble));
+        __m256i b = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tables + 64)),
+                                        _mm256_and_si256(_mm256_srli_epi16(first, 4), nibble));
+        __m256i c = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tables + 32)),
+                                        _mm256_and_si256(second, nibble));
+        __m256i e = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(tables + 96)),
+                                        _mm256_and_si256(_mm256_srli_epi16(second, 4), nibble));
+        acc_all = _mm256_add_epi16(_mm256_add_epi16(acc_all, _mm256_add_epi16(a, b)), _mm256_add_epi16(c, e));
+        acc_odd = _mm256_add_epi16(acc_odd, _mm256_add_epi16(_mm256_add_epi16(_mm256_srli_epi16(a, 8),
+                                                                              _mm256_srli_epi16(b, 8)),
+                                                             _mm256_add_epi16(_mm256_srli_epi16(c, 8),
+                                                                              _mm256_srli_epi16(e, 8))));
+    }
+    _mm256_storeu_si256((__m256i *)even, _mm256_sub_epi16(acc_all, _mm256_slli_epi16(acc_odd, 8)));
+    _mm256_storeu_si256((__m256i *)odd, acc_odd);
 #else
     for (int64_t i = 0; i < BLOCK / 2; ++i) even[i] = odd[i] = 0;
     for (int64_t p = 0; p < pairs; ++p) {
@@ -149,15 +226,17 @@ typedef struct {
     uint32_t *histogram;
     int64_t filled, capacity, keep;
     int32_t threshold; /* a candidate must score strictly more to enter */
+    int32_t top;       /* the highest score entered (so a cut needs no pass to find it) */
 } candidate_buffer;
 
 static inline void offer(candidate_buffer *c, int32_t score, int64_t position) {
     if (score <= c->threshold) return;
     if (c->filled == c->capacity) {
-        c->threshold = cut_to_best(c->buf, c->filled, c->keep, c->histogram);
+        c->threshold = cut_to_best(c->buf, c->filled, c->keep, c->top, c->threshold, c->histogram);
         c->filled = c->keep;
         if (score <= c->threshold) return;
     }
+    c->top = score > c->top ? score : c->top;
     c->buf[c->filled++] = candidate_key(score, position);
 }
 
@@ -172,59 +251,150 @@ static int excluded_row(const int64_t *excluded, int64_t width, int64_t row) {
 }
 
 /* The `keep` best of `leaves` partitions for `query`, best first, into values / ids; returns how many. The
- * centroids are stored by dimension ([d, leaves]) so that 16 partitions are scored per FMA, with no horizontal
- * sum; `scores` is scratch space for `leaves` floats. */
-static int64_t best_leaves(const float *query, int64_t d, const float *columns, int64_t leaves, float *scores,
-                           int64_t keep, float *values, int64_t *ids) {
-    int64_t l = 0;
+ * centroids are stored by groups of 32 partitions, each group by dimension ([groups, d, 32], zeros past the last
+ * partition), so that 8 or 16 partitions are scored per FMA with no horizontal sum and the whole table is read
+ * in order; every partition's score is the same sequence of FMAs over the dimensions in every build. `scores`
+ * and `keys` are scratch space for groups * 32 floats and `leaves` keys, `bins` for LEAF_BINS counts. */
+static int64_t best_leaves(const float *query, int64_t d, const float *blocks, int64_t leaves, float *scores,
+                           uint64_t *keys, uint32_t *bins, int64_t keep, float *values, int64_t *ids) {
+    int64_t groups = (leaves + LEAF_GROUP - 1) / LEAF_GROUP, l;
+    for (int64_t g = 0; g < groups; ++g) {
+        const float *block = blocks + g * d * LEAF_GROUP;
+        float *out = scores + g * LEAF_GROUP;
 #ifdef __AVX512F__
-    for (; l + 16 <= leaves; l += 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t t = 0; t < d; ++t)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(query[t]), _mm512_loadu_ps(columns + t * leaves + l), acc);
-        _mm512_storeu_ps(scores + l, acc);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t t = 0; t < d; ++t) {
+            __m512 x = _mm512_set1_ps(query[t]);
+            a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(block + t * LEAF_GROUP), a0);
+            a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(block + t * LEAF_GROUP + 16), a1);
+        }
+        _mm512_storeu_ps(out, a0);
+        _mm512_storeu_ps(out + 16, a1);
+#elif defined(__AVX2__) && defined(__FMA__)
+        /* four independent sums: one alone waits on each FMA's latency */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t t = 0; t < d; ++t) {
+            __m256 x = _mm256_set1_ps(query[t]);
+            const float *row = block + t * LEAF_GROUP;
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(row), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(row + 8), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(row + 16), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(row + 24), a3);
+        }
+        _mm256_storeu_ps(out, a0);
+        _mm256_storeu_ps(out + 8, a1);
+        _mm256_storeu_ps(out + 16, a2);
+        _mm256_storeu_ps(out + 24, a3);
+#else
+        for (int64_t j = 0; j < LEAF_GROUP; ++j) {
+            float total = 0.0f;
+            for (int64_t t = 0; t < d; ++t) total = fmaf(query[t], block[t * LEAF_GROUP + j], total);
+            out[j] = total;
+        }
+#endif
     }
+    /* The best `keep` as keys like the reorder's (equal scores: the lower partition first). A quickselect over
+     * thousands of partitions mispredicts about every other comparison: a histogram of the scores over their
+     * range first finds the bin the keep-th best falls in, and only the partitions from that bin up (a few more
+     * than `keep`, found with vector compares) are selected among and sorted. */
+    int64_t kept = keep < leaves ? keep : leaves, candidates = 0;
+    float low = INFINITY, high = -INFINITY;
+    int unordered = 0;
+    l = 0;
+#ifdef __AVX2__
+    __m256 lows = _mm256_set1_ps(INFINITY), highs = _mm256_set1_ps(-INFINITY), nans = _mm256_setzero_ps();
+    for (; l + 8 <= leaves; l += 8) {
+        __m256 v = _mm256_loadu_ps(scores + l);
+        lows = _mm256_min_ps(lows, v);
+        highs = _mm256_max_ps(highs, v);
+        nans = _mm256_or_ps(nans, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lane_lows[8], lane_highs[8];
+    _mm256_storeu_ps(lane_lows, lows);
+    _mm256_storeu_ps(lane_highs, highs);
+    for (int j = 0; j < 8; ++j) {
+        low = lane_lows[j] < low ? lane_lows[j] : low;
+        high = lane_highs[j] > high ? lane_highs[j] : high;
+    }
+    unordered = _mm256_movemask_ps(nans) != 0;
 #endif
     for (; l < leaves; ++l) {
-        float total = 0.0f;
-        for (int64_t t = 0; t < d; ++t) total = fmaf(query[t], columns[t * leaves + l], total);
-        scores[l] = total;
+        low = scores[l] < low ? scores[l] : low;
+        high = scores[l] > high ? scores[l] : high;
+        unordered |= scores[l] != scores[l];
     }
-    int64_t kept = 0;
-    float worst = -INFINITY;
-    for (l = 0; l < leaves; ++l) {
-        if (kept < keep || scores[l] > worst) worst = push(values, ids, &kept, keep, scores[l], l);
+    float width = high - low;
+    if (kept < leaves && !unordered && isfinite(width) && width > 0.0f) {
+        /* bin = (score - low) * per_bin, truncated: the same float arithmetic in both passes */
+        float per_bin = (float)(LEAF_BINS - 1) / width;
+        memset(bins, 0, sizeof(uint32_t) * LEAF_BINS);
+        for (l = 0; l < leaves; ++l) {
+            int32_t bin = (int32_t)((scores[l] - low) * per_bin);
+            ++bins[bin < LEAF_BINS - 1 ? bin : LEAF_BINS - 1];
+        }
+        int32_t bin = LEAF_BINS - 1;
+        int64_t above = bins[bin];
+        while (above < kept) above += bins[--bin];
+        l = 0;
+#ifdef __AVX2__
+        const __m256 lowest = _mm256_set1_ps(low), scale = _mm256_set1_ps(per_bin);
+        const __m256i below = _mm256_set1_epi32(bin - 1);
+        for (; l + 8 <= leaves; l += 8) {
+            __m256i bins8 = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + l), lowest), scale));
+            uint32_t over = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bins8, below)));
+            while (over) {
+                int64_t j = l + __builtin_ctz(over);
+                over &= over - 1;
+                keys[candidates++] = ((uint64_t)score_order(scores[j]) << 32) | (uint64_t)(~(uint32_t)j);
+            }
+        }
+#endif
+        for (; l < leaves; ++l) {
+            if ((int32_t)((scores[l] - low) * per_bin) >= bin)
+                keys[candidates++] = ((uint64_t)score_order(scores[l]) << 32) | (uint64_t)(~(uint32_t)l);
+        }
+    } else {
+        for (l = 0; l < leaves; ++l) keys[l] = ((uint64_t)score_order(scores[l]) << 32) | (uint64_t)(~(uint32_t)l);
+        candidates = leaves;
     }
-    heap_sort(values, ids, kept);
+    if (kept < candidates) keep_best(keys, candidates, kept);
+    sort_descending(keys, kept);
+    for (l = 0; l < kept; ++l) {
+        values[l] = order_score((uint32_t)(keys[l] >> 32));
+        ids[l] = (int64_t)(~(uint32_t)keys[l]);
+    }
     return kept;
 }
 
 /* The built index, as the Python side lays it out once per index (one pointer per call instead of ten
- * arguments): centroid_columns [d, leaves]; leaf_offsets [leaves + 1] positions in partition order; leaf_blocks
+ * arguments): centroid_blocks [ceil(leaves / 32), d, 32] (best_leaves); leaf_offsets [leaves + 1] positions in partition order; leaf_blocks
  * [leaves] the first block of each partition; codes [blocks, subspaces / 2, 32]; codebooks [subspaces, 16,
  * sub_dim]; vectors [n, d] in partition order; rows [n] the original row of each position. d is a multiple of
- * 4 * sub_dim (zero padded). */
+ * 4 * sub_dim (zero padded). ids [n] the integer id of each original row (NULL for string ids); query_d the
+ * queries' own dimension (at most d) for twotower_ivf_search_one, which pads them itself. */
 typedef struct {
-    const float *centroid_columns;
+    const float *centroid_blocks;
     const int64_t *leaf_offsets;
     const int64_t *leaf_blocks;
     const uint8_t *codes;
     const float *codebooks;
     const float *vectors;
     const int64_t *rows;
-    int64_t leaves, subspaces, sub_dim, d;
+    const int64_t *ids;
+    int64_t leaves, subspaces, sub_dim, d, query_d;
 } ivf_index;
 
 /* Each thread's working memory, kept between calls and grown when a call needs more: a one-query search
  * allocates nothing. It is held until the process ends: at most about `reorder` * 64 bytes and the partition
  * scores per thread. */
 typedef struct {
-    float *leaf_scores, *leaf_values;
+    float *leaf_scores, *leaf_values, *query;
+    uint64_t *leaf_keys;
     int64_t *leaf_ids;
     uint8_t *luts;
     uint64_t *buf;
     uint32_t *histogram;
-    size_t leaf_scores_size, leaf_values_size, leaf_ids_size, luts_size, buf_size, histogram_size;
+    size_t leaf_scores_size, leaf_keys_size, leaf_values_size, query_size, leaf_ids_size, luts_size, buf_size, histogram_size;
 } workspace;
 
 static __thread workspace thread_workspace;
@@ -236,6 +406,22 @@ static int reserve(void **p, size_t *capacity, size_t size) {
     *p = malloc(size ? size : 1);
     *capacity = *p != NULL ? size : 0;
     return *p != NULL;
+}
+
+/* A full candidate buffer is cut to `reorder`: the larger it is, the fewer the cuts (each costs O(capacity)). */
+static int64_t buffer_capacity(int64_t reorder) { return 8 * reorder + BLOCK; }
+
+/* Make `w` large enough for one search of `index` with these settings; 0 when memory runs out. */
+static int reserve_workspace(workspace *w, const ivf_index *index, int64_t leaves_to_search, int64_t reorder) {
+    size_t groups = (size_t)((index->leaves + LEAF_GROUP - 1) / LEAF_GROUP);
+    return reserve((void **)&w->leaf_scores, &w->leaf_scores_size, sizeof(float) * LEAF_GROUP * groups) &&
+           reserve((void **)&w->leaf_keys, &w->leaf_keys_size, sizeof(uint64_t) * index->leaves) &&
+           reserve((void **)&w->leaf_values, &w->leaf_values_size, sizeof(float) * leaves_to_search) &&
+           reserve((void **)&w->query, &w->query_size, sizeof(float) * index->d) &&
+           reserve((void **)&w->leaf_ids, &w->leaf_ids_size, sizeof(int64_t) * leaves_to_search) &&
+           reserve((void **)&w->luts, &w->luts_size, (size_t)(index->subspaces / 4) * 128) &&
+           reserve((void **)&w->buf, &w->buf_size, sizeof(uint64_t) * buffer_capacity(reorder)) &&
+           reserve((void **)&w->histogram, &w->histogram_size, sizeof(uint32_t) * HISTOGRAM);
 }
 
 static void search_one(const ivf_index *index, workspace *w, const float *query, int64_t leaves_to_search,
@@ -250,7 +436,8 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
     uint8_t *luts = w->luts;
     int64_t pairs = subspaces / 2;
     /* 1. the best partitions, best first */
-    int64_t kept_leaves = best_leaves(query, d, index->centroid_columns, leaves, w->leaf_scores, leaves_to_search,
+    int64_t kept_leaves = best_leaves(query, d, index->centroid_blocks, leaves, w->leaf_scores, w->leaf_keys,
+                                      w->histogram, leaves_to_search,
                                       leaf_values, leaf_ids);
 
     /* 2. the lookup tables and their common scale */
@@ -286,7 +473,7 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
     }
 
     /* 3. the scan */
-    candidate_buffer cands = {w->buf, w->histogram, 0, capacity, reorder, INT32_MIN};
+    candidate_buffer cands = {w->buf, w->histogram, 0, capacity, reorder, INT32_MIN, INT32_MIN};
     float best_base = kept_leaves ? leaf_values[0] : 0.0f;
     uint16_t even[BLOCK / 2], odd[BLOCK / 2];
     for (int64_t i = 0; i < kept_leaves; ++i) {
@@ -310,13 +497,26 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
             /* bit j: candidate j of the block may enter (its total exceeds threshold - base) */
             uint32_t valid = in_block == BLOCK ? 0xFFFFFFFFu : (1u << in_block) - 1u;
             uint32_t over = valid;
+            /* totals stay below 2**16: a larger need (the threshold rose within the partition) admits none */
             int64_t need = (int64_t)cands.threshold - base;
+            need = need > 0xFFFF ? 0xFFFF : need;
             if (need >= 0) {
 #ifdef __AVX512BW__
                 __m256i bound = _mm256_set1_epi16((short)(uint16_t)need);
                 uint32_t over_even = _mm256_cmpgt_epu16_mask(_mm256_loadu_si256((const __m256i *)even), bound);
                 uint32_t over_odd = _mm256_cmpgt_epu16_mask(_mm256_loadu_si256((const __m256i *)odd), bound);
                 over = (_pdep_u32(over_even, 0x55555555u) | _pdep_u32(over_odd, 0xAAAAAAAAu)) & valid;
+#elif defined(__AVX2__)
+                /* unsigned 16-bit compare as a signed one on values with the top bit flipped; the byte mask has
+                 * two bits per total: bit 2i of the even totals' mask is candidate 2i, bit 2i + 1 of the odd
+                 * totals' mask candidate 2i + 1 (no pdep, which is slow on some AMD CPUs) */
+                const __m256i flip = _mm256_set1_epi16((short)0x8000);
+                __m256i bound = _mm256_set1_epi16((short)(uint16_t)(need ^ 0x8000));
+                __m256i e = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)even), flip);
+                __m256i o = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)odd), flip);
+                uint32_t over_even = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(e, bound));
+                uint32_t over_odd = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(o, bound));
+                over = ((over_even & 0x55555555u) | (over_odd & 0xAAAAAAAAu)) & valid;
 #else
                 over = 0;
                 for (int64_t j = 0; j < in_block; ++j)
@@ -331,7 +531,7 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
         }
     }
     if (cands.filled > reorder) {
-        cut_to_best(cands.buf, cands.filled, reorder, cands.histogram);
+        cut_to_best(cands.buf, cands.filled, reorder, cands.top, cands.threshold, cands.histogram);
         cands.filled = reorder;
     }
 
@@ -339,12 +539,14 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
      * read misses the cache: vectors are requested AHEAD candidates before they are scored, so that the misses
      * overlap. The heap orders by (score, position); the corpus rows (another random read each) are looked up
      * for the k kept only (and for every candidate when some are excluded). */
-    int64_t filled = 0;
-    float threshold = -INFINITY;
     for (int64_t i = 0; i < cands.filled && i < AHEAD; ++i) {
         const char *vector = (const char *)(vectors + (int64_t)(uint32_t)cands.buf[i] * d);
         for (int64_t byte = 0; byte < d * (int64_t)sizeof(float); byte += 64) __builtin_prefetch(vector + byte);
     }
+    /* Each rescored candidate becomes one key, its exact score's order above its position's complement (equal
+     * scores: the earlier position first, as the scan's keys), written over the buffer it is read from; the k
+     * largest are then selected and sorted, with no branch per candidate on a heap. */
+    int64_t filled = 0;
     for (int64_t i = 0; i < cands.filled; ++i) {
         if (i + AHEAD < cands.filled) {
             const char *vector = (const char *)(vectors + (int64_t)(uint32_t)cands.buf[i + AHEAD] * d);
@@ -352,11 +554,18 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
         }
         int64_t position = (int64_t)(uint32_t)cands.buf[i];
         float s = dot(query, vectors + position * d, d);
-        if (filled == k && !(s > threshold || (s == threshold && position < out_rows[0]))) continue;
         if (excluded != NULL && excluded_row(excluded, excluded_width, rows[position])) continue;
-        threshold = push(out_scores, out_rows, &filled, k, s, position);
+        cands.buf[filled++] = ((uint64_t)score_order(s) << 32) | (uint64_t)(~(uint32_t)position);
     }
-    heap_sort(out_scores, out_rows, filled);
+    if (filled > k) {
+        keep_best(cands.buf, filled, k);
+        filled = k;
+    }
+    sort_descending(cands.buf, filled);
+    for (int64_t i = 0; i < filled; ++i) {
+        out_scores[i] = order_score((uint32_t)(cands.buf[i] >> 32));
+        out_rows[i] = (int64_t)(~(uint32_t)cands.buf[i]);
+    }
     /* positions to rows; a run of equal scores is put in row order (insertion sort: such runs are short) */
     for (int64_t i = 0; i < filled; ++i) {
         float s = out_scores[i];
@@ -376,20 +585,14 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
 int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq, int64_t leaves_to_search,
                         int64_t reorder, int64_t k, const int64_t *excluded, int64_t excluded_width,
                         float *out_scores, int64_t *out_rows, int64_t threads) {
-    int64_t leaves = index->leaves, subspaces = index->subspaces, d = index->d;
-    if (leaves_to_search > leaves) leaves_to_search = leaves;
-    /* a full buffer is cut to `reorder`: the larger it is, the fewer the cuts (each costs O(capacity)) */
-    int64_t capacity = 8 * reorder + BLOCK;
+    int64_t d = index->d;
+    if (leaves_to_search > index->leaves) leaves_to_search = index->leaves;
+    int64_t capacity = buffer_capacity(reorder);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (nq > 1)
     {
         workspace *w = &thread_workspace;
-        int ok = reserve((void **)&w->leaf_scores, &w->leaf_scores_size, sizeof(float) * leaves) &&
-                 reserve((void **)&w->leaf_values, &w->leaf_values_size, sizeof(float) * leaves_to_search) &&
-                 reserve((void **)&w->leaf_ids, &w->leaf_ids_size, sizeof(int64_t) * leaves_to_search) &&
-                 reserve((void **)&w->luts, &w->luts_size, (size_t)(subspaces / 4) * 128) &&
-                 reserve((void **)&w->buf, &w->buf_size, sizeof(uint64_t) * capacity) &&
-                 reserve((void **)&w->histogram, &w->histogram_size, sizeof(uint32_t) * HISTOGRAM);
+        int ok = reserve_workspace(w, index, leaves_to_search, reorder);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -403,4 +606,29 @@ int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq
         }
     }
     return failed;
+}
+
+/* One query, as a server sends it (`query_d` floats, padded here; no threads, no exclusions), the whole path
+ * from the query's check to its ids in one call (each call from Python costs microseconds). The reorder depth
+ * is raised to k and cut to the corpus; 1 <= k <= the corpus size. Writes out_scores / out_rows [k] as
+ * twotower_ivf_search does and, with integer ids, out_ids[i] = ids[out_rows[i]] (-1 for an empty slot).
+ * Returns 0; 1 when the working memory could not be allocated; 2 when the query holds a non-finite value
+ * (nothing is written: the caller raises). */
+int twotower_ivf_search_one(const ivf_index *index, const float *query, int64_t leaves_to_search, int64_t reorder,
+                            int64_t k, float *out_scores, int64_t *out_ids, int64_t *out_rows) {
+    for (int64_t t = 0; t < index->query_d; ++t)
+        if (!isfinite(query[t])) return 2;
+    int64_t count = index->leaf_offsets[index->leaves];
+    if (leaves_to_search > index->leaves) leaves_to_search = index->leaves;
+    reorder = reorder < k ? k : reorder;
+    reorder = reorder > count ? count : reorder;
+    workspace *w = &thread_workspace;
+    if (!reserve_workspace(w, index, leaves_to_search, reorder)) return 1;
+    memcpy(w->query, query, sizeof(float) * index->query_d);
+    memset(w->query + index->query_d, 0, sizeof(float) * (index->d - index->query_d));
+    search_one(index, w, w->query, leaves_to_search, reorder, buffer_capacity(reorder), k, NULL, 0, out_scores,
+               out_rows);
+    if (index->ids != NULL)
+        for (int64_t i = 0; i < k; ++i) out_ids[i] = out_rows[i] < 0 ? -1 : index->ids[out_rows[i]];
+    return 0;
 }
