@@ -5,8 +5,8 @@
 Builds bundles whose corpus is the trained MovieLens title embeddings enlarged to --size rows as TFRS's
 efficient-serving tutorial does (see benchmarks/ann.py), over exact search (BruteForce), over IVF1024 with 4-bit
 fast-scan codes and exact refinement (nprobe 128, k_factor 4: recall@100 0.97 there), over twotower's
-AnisotropicIVF (1,000 partitions, its search tuned for recall@100 0.95 at build time) and, with --index hnsw,
-over HNSW32 (efSearch 512, recall@100 0.96). For each index and each --max-batch setting it starts
+AnisotropicIVF (its default 2 sqrt(n) partitions, its search tuned for recall@100 0.95 at build time) and, with
+--index hnsw, over HNSW32 (efSearch 512, recall@100 0.96). For each index and each --max-batch setting it starts
 `python -m twotower serve` on 127.0.0.1 in a child process, sends a fixed number of top-10 requests for random
 users with 16 in flight at once, and stops the server. ``--max-batch 1`` answers each request by its own search;
 the default 64 answers the requests that queued up during a search together. Nothing leaves this machine.
