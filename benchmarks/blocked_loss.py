@@ -9,7 +9,9 @@ variants alternate within each round (their order rotating), and the table gives
 and its median per-round ratio to "eager, float32". "kept" and "recomputed" turn the eager gradients off
 (``twotower.losses._EAGER_GRADIENTS``); "recomputed" also sets the kept budget to 0 (what a batch above
 ``twotower.losses._KEPT_ELEMENTS`` logits gets, so above the budget "kept" recomputes too); "3 GEMMs" is
-``Q C^T``, ``G C``, ``G^T Q`` alone with fresh outputs (the arithmetic with nothing else).
+``Q C^T``, ``G C``, ``G^T Q`` alone with fresh outputs (the arithmetic with nothing else). "torch exp" rows
+turn off the native row kernel (``native/softmax.c``, built where the CPU has AVX-512 or AVX2) and take torch's
+passes for the row maxima, exponentials and sums.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from collections.abc import Callable
 
 import torch
 
-from twotower import losses
+from twotower import _native, losses
 from twotower.logits import LogitSteps
 
 VARIANTS = (
-    "eager, float32", "kept, float32", "recomputed, float32", "kept, bf16", "recomputed, bf16", "3 GEMMs, float32"
+    "eager, float32", "eager, float32, torch exp", "kept, float32", "recomputed, float32",
+    "recomputed, fp32, torch exp", "kept, bf16", "recomputed, bf16", "3 GEMMs, float32",
 )  # fmt: skip
 
 
@@ -47,13 +50,15 @@ def _step(batch: int, dim: int, variant: str) -> Callable[[], None]:
     budget = 0 if variant.startswith("recomputed") else losses._KEPT_ELEMENTS
     eager = variant.startswith("eager")
 
+    kernel_rows = (lambda *args, **kwargs: None) if variant.endswith("torch exp") else _native._vectorized_rows
+
     def loss_step() -> None:
-        saved = losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS
-        losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS = budget, eager
+        saved = losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS, _native._vectorized_rows
+        losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS, _native._vectorized_rows = budget, eager, kernel_rows
         try:
             losses.in_batch_softmax_cross_entropy(queries, candidates, steps=steps).sum().backward()
         finally:
-            losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS = saved
+            losses._KEPT_ELEMENTS, losses._EAGER_GRADIENTS, _native._vectorized_rows = saved
 
     return loss_step
 
@@ -68,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, D = {args.dim}, {args.rounds} rounds")
     print(f"kept budget: {losses._KEPT_ELEMENTS:,} logits\n")
-    print(f"{'batch':>6}  {'variant':<22}{'ms':>10}{'ratio to eager fp32':>22}")
+    print(f"{'batch':>6}  {'variant':<30}{'ms':>10}{'ratio to eager fp32':>22}")
     for batch in args.batch_sizes:
         steps = {variant: _step(batch, args.dim, variant) for variant in VARIANTS}
         for step in steps.values():
@@ -83,7 +88,7 @@ def main() -> None:
         for variant in VARIANTS:
             ratios = [a / b for a, b in zip(times[variant], times["eager, float32"], strict=True)]
             print(
-                f"{batch:>6}  {variant:<22}{1000 * statistics.median(times[variant]):>10.1f}"
+                f"{batch:>6}  {variant:<30}{1000 * statistics.median(times[variant]):>10.1f}"
                 f"{statistics.median(ratios):>10.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
             )
 

@@ -232,6 +232,21 @@ def test_softmax_gradient_rows_match_float64(width: int) -> None:
     assert torch.isnan(nan_row).all()
 
 
+def test_softmax_kernel_exp_is_exact_up_to_overflow() -> None:
+    """Arguments the losses never pass (they are at most 0) still get exp: up to float32's largest result
+    (exp(88.7) is 3.3e38) within a few ulp of float64, inf beyond, in the vector lanes and the scalar tail."""
+    arguments = np.array([-80.0, -1.0, 0.0, 1.5, 50.0, 87.9, 88.2, 88.5, 88.7, 88.8, 100.0, 1e30], dtype=np.float32)
+    row = torch.from_numpy(np.tile(arguments, 3)[None, :].copy())  # 36 columns: full vectors and a tail
+    if not _native.softmax_gradient_rows(row, torch.zeros(1), torch.ones(1)):
+        pytest.skip("the vectorised softmax kernel is not built on this machine")
+    with np.errstate(over="ignore"):
+        expected = np.exp(np.tile(arguments, 3).astype(np.float64)).astype(np.float32)
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(row.numpy()[0][finite], expected[finite], rtol=6e-7)
+    assert (~finite).sum() == 9
+    assert np.isinf(row.numpy()[0][~finite]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("width", [1, 16, 37, 1027])
 def test_softmax_rows_bf16_match_float64(dtype: torch.dtype, width: int) -> None:

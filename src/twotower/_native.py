@@ -220,7 +220,7 @@ def load() -> ctypes.CDLL | None:
 def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Row maxima and sums of exponentials of float32 CPU ``logits`` ``[rows, cols]`` (unit column stride), with
     ``exp(logits - max)`` written over ``logits``; ``None`` (and ``logits`` untouched) where the kernel is not
-    built with AVX-512, since torch's own vectorised passes are then as fast.
+    built with AVX-512 or AVX2 (with FMA), since torch's own vectorised passes are then as fast.
 
     Returns:
         ``(maxima [rows], sums [rows])``, as ``logits.amax(1)`` and ``exp(logits - maxima).sum(1)``.
@@ -238,8 +238,8 @@ def softmax_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | No
 
 
 def _vectorized_rows(logits: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> ctypes.CDLL | None:
-    """The kernel, where it is built with AVX-512 and ``logits`` is a 2-D CPU block of one of ``dtypes`` with unit
-    column stride; ``None`` otherwise."""
+    """The kernel, where it is built with AVX-512 or AVX2 and ``logits`` is a 2-D CPU block of one of ``dtypes``
+    with unit column stride; ``None`` otherwise."""
     kernel = load()
     if (
         kernel is None

@@ -11,8 +11,11 @@
  */
 #include <math.h>
 #include <stdint.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define SOFTMAX_AVX2 1
 #endif
 
 #define EXP_LOWEST -87.33654475f
@@ -41,6 +44,46 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
+#ifdef SOFTMAX_AVX2
+/* exp16's arithmetic on 8 lanes: the same reduction and polynomial, 2^n built in the exponent bits (n is at
+ * least -126 for every lane kept, at most 127 up to 88). Arguments above 88 (never passed here: every one is at
+ * most 0) are left to expf. NaN lanes compare unordered, are kept and stay NaN. */
+static inline __m256 exp8(__m256 x) {
+    if (_mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ))) {
+        float lanes[8];
+        _mm256_storeu_ps(lanes, x);
+        for (int j = 0; j < 8; ++j) lanes[j] = exp_scalar(lanes[j]);
+        return _mm256_loadu_ps(lanes);
+    }
+    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LOWEST), _CMP_NLT_UQ);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    return _mm256_and_ps(keep, _mm256_mul_ps(p, two_n));
+}
+
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
+}
+#endif
+
 /* logits: [rows, cols] with row stride `stride`, overwritten by exp(l - max); maxima, sums: [rows]. */
 void twotower_softmax_rows(float *logits, int64_t rows, int64_t cols, int64_t stride, float *maxima, float *sums,
                            int64_t threads) {
@@ -53,6 +96,10 @@ void twotower_softmax_rows(float *logits, int64_t rows, int64_t cols, int64_t st
         __m512 block_max = _mm512_set1_ps(-INFINITY);
         for (; j + 16 <= cols; j += 16) block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(row + j));
         m = _mm512_reduce_max_ps(block_max);
+#elif defined(SOFTMAX_AVX2)
+        __m256 block_max = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= cols; j += 8) block_max = _mm256_max_ps(block_max, _mm256_loadu_ps(row + j));
+        m = max8(block_max);
 #endif
         for (; j < cols; ++j) m = row[j] > m ? row[j] : m;
         float s = 0.0f;
@@ -65,6 +112,14 @@ void twotower_softmax_rows(float *logits, int64_t rows, int64_t cols, int64_t st
             block_sum = _mm512_add_ps(block_sum, e);
         }
         s = _mm512_reduce_add_ps(block_sum);
+#elif defined(SOFTMAX_AVX2)
+        __m256 block_sum = _mm256_setzero_ps(), shift = _mm256_set1_ps(m);
+        for (; j + 8 <= cols; j += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift));
+            _mm256_storeu_ps(row + j, e);
+            block_sum = _mm256_add_ps(block_sum, e);
+        }
+        s = sum8(block_sum);
 #endif
         for (; j < cols; ++j) {
             row[j] = exp_scalar(row[j] - m);
@@ -89,6 +144,10 @@ void twotower_softmax_gradient_rows(float *logits, int64_t rows, int64_t cols, i
         __m512 shift = _mm512_set1_ps(n), scale = _mm512_set1_ps(s);
         for (; j + 16 <= cols; j += 16)
             _mm512_storeu_ps(row + j, _mm512_mul_ps(exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift)), scale));
+#elif defined(SOFTMAX_AVX2)
+        __m256 shift = _mm256_set1_ps(n), scale = _mm256_set1_ps(s);
+        for (; j + 8 <= cols; j += 8)
+            _mm256_storeu_ps(row + j, _mm256_mul_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift)), scale));
 #endif
         for (; j < cols; ++j) row[j] = exp_scalar(row[j] - n) * s;
     }
@@ -119,6 +178,21 @@ static inline void store16_bf16(uint16_t *p, __m512 x) {
 }
 #endif
 
+#ifdef SOFTMAX_AVX2
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline void store8_bf16(uint16_t *p, __m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    u = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+    /* the 32-bit lanes hold values below 2^16: pack them to 16 bits, the two halves in order */
+    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+    _mm_storeu_si128((__m128i *)p, packed);
+}
+#endif
+
 /* The row statistics of a block whose exponentials are kept in bfloat16 (the bf16 products' operand): for each
  * row of `input` (bfloat16 when input_is_bf16, else float32; row stride in_stride) its maximum m, exp(l - m)
  * computed in float32 and stored rounded to bfloat16 in `output` (row stride out_stride; it may be `input`
@@ -139,6 +213,11 @@ void twotower_softmax_rows_bf16(const void *input, int64_t input_is_bf16, int64_
         for (; j + 16 <= cols; j += 16)
             block_max = _mm512_max_ps(block_max, input_is_bf16 ? load16_bf16(row16 + j) : _mm512_loadu_ps(row32 + j));
         m = _mm512_reduce_max_ps(block_max);
+#elif defined(SOFTMAX_AVX2)
+        __m256 block_max = _mm256_set1_ps(-INFINITY);
+        for (; j + 8 <= cols; j += 8)
+            block_max = _mm256_max_ps(block_max, input_is_bf16 ? load8_bf16(row16 + j) : _mm256_loadu_ps(row32 + j));
+        m = max8(block_max);
 #endif
         for (; j < cols; ++j) {
             float value = input_is_bf16 ? widen_bf16(row16[j]) : row32[j];
@@ -155,6 +234,15 @@ void twotower_softmax_rows_bf16(const void *input, int64_t input_is_bf16, int64_
             block_sum = _mm512_add_ps(block_sum, e);
         }
         s = _mm512_reduce_add_ps(block_sum);
+#elif defined(SOFTMAX_AVX2)
+        __m256 block_sum = _mm256_setzero_ps(), shift = _mm256_set1_ps(m);
+        for (; j + 8 <= cols; j += 8) {
+            __m256 value = input_is_bf16 ? load8_bf16(row16 + j) : _mm256_loadu_ps(row32 + j);
+            __m256 e = exp8(_mm256_sub_ps(value, shift));
+            store8_bf16(out + j, e);
+            block_sum = _mm256_add_ps(block_sum, e);
+        }
+        s = sum8(block_sum);
 #endif
         for (; j < cols; ++j) {
             float e = exp_scalar((input_is_bf16 ? widen_bf16(row16[j]) : row32[j]) - m);
@@ -166,9 +254,10 @@ void twotower_softmax_rows_bf16(const void *input, int64_t input_is_bf16, int64_
     }
 }
 
-/* Whether the vectorised path was compiled in (the scalar one is slower than torch's passes). */
+/* Whether a vectorised path (AVX-512, or AVX2 with FMA) was compiled in (the scalar one is slower than torch's
+ * passes). */
 int twotower_softmax_rows_vectorized(void) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(SOFTMAX_AVX2)
     return 1;
 #else
     return 0;
