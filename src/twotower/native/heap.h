@@ -1,5 +1,5 @@
 /* The pieces shared by the native kernels: a bounded binary min-heap of (value, position) pairs whose root is
- * the worst kept pair, and the float32 dot product that rescores candidates.
+ * the worst kept pair, the float32 dot product that rescores candidates, and (AVX2) a horizontal sum.
  *
  * Ties keep the earlier position: a candidate must be strictly greater than the worst kept value to enter, and
  * among equal values the later position is the worse one.
@@ -64,6 +64,15 @@ static inline float push(float *values, int64_t *positions, int64_t *filled, int
     return values[0];
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* The sum of the 8 lanes, in one fixed order (halves, then pairs, then the last two). */
+static inline float horizontal_sum8(__m256 v) {
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+#endif
+
 /* The float32 dot product used to rescore screened candidates and, through twotower_pair_scores, to score
  * known positives: one fixed order of operations, so a candidate and its copy always get the same value. */
 static inline float dot(const float *a, const float *b, int64_t d) {
@@ -76,9 +85,7 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 #elif defined(__AVX2__) && defined(__FMA__)
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    total = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+    total = horizontal_sum8(acc);
 #endif
     for (; i < d; ++i) total = fmaf(a[i], b[i], total);
     return total;

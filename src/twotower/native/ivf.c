@@ -2,12 +2,13 @@
  * 16-entry lookup tables, and an exact float32 reorder (the scheme of ScaNN's tree + asymmetric hashing).
  *
  * Per query:
- *  1. score every partition centroid, keep the best `leaves_to_search` (a heap, then sorted best first, so the
+ *  1. score every partition centroid, keep the best `leaves_to_search` (selected and sorted best first, so the
  *     candidate threshold rises quickly);
  *  2. build one lookup table per subspace, lut[m][c] = query_m . codebook[m][c], shared by every partition (the
  *     codes quantize residuals, x = centroid + residual, so a candidate's approximate score is
  *     query . centroid + sum_m lut[m][code_m]); quantize the tables to uint8 with one scale for all subspaces;
- *  3. scan the codes of the kept partitions 32 candidates at a time (AVX-512BW: one vpshufb looks up 64 codes),
+ *  3. scan the codes of the kept partitions 32 candidates at a time (one vpshufb looks up 64 codes with
+ *     AVX-512BW, 32 with AVX2),
  *     summing uint8 entries into uint16 totals; a partition's integer base is its centroid score in the same
  *     units, and a candidate enters the buffer only when base + total beats the buffer's threshold. A full
  *     buffer is cut to its `reorder` best by quickselect, which raises the threshold;
@@ -32,6 +33,7 @@
 #define HISTOGRAM 8192
 /* bins of the partition scores' histogram (at most HISTOGRAM: it uses the same memory) */
 #define LEAF_BINS 1024
+_Static_assert(LEAF_BINS <= HISTOGRAM, "the partition histogram lives in the candidate histogram's memory");
 /* partitions per group of the centroid table (native/ivf.c's best_leaves; the Python side lays it out) */
 #define LEAF_GROUP 32
 
@@ -123,6 +125,16 @@ static inline float order_score(uint32_t order) {
     memcpy(&score, &bits, sizeof score);
     return order == 0 ? NAN : score;
 }
+
+/* A key of a float score and a position (below 2**32): the score's order above the position's complement, so
+ * that keys compare as (score, earlier position first) and move as single words. */
+static inline uint64_t scored_key(float score, int64_t position) {
+    return ((uint64_t)score_order(score) << 32) | (uint64_t)(~(uint32_t)position);
+}
+
+static inline float scored_key_score(uint64_t key) { return order_score((uint32_t)(key >> 32)); }
+
+static inline int64_t scored_key_position(uint64_t key) { return (int64_t)(~(uint32_t)key); }
 
 /* Sort keys[0..n) in descending order (quicksort, median of three; insertion sort for short runs). */
 static void sort_descending(uint64_t *keys, int64_t n) {
@@ -340,38 +352,39 @@ static int64_t best_leaves(const float *query, int64_t d, const float *blocks, i
         const __m256 lowest = _mm256_set1_ps(low), scale = _mm256_set1_ps(per_bin);
         const __m256i below = _mm256_set1_epi32(bin - 1);
         for (; l + 8 <= leaves; l += 8) {
-            __m256i bins8 = _mm256_cvttps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + l), lowest), scale));
+            __m256 shifted = _mm256_sub_ps(_mm256_loadu_ps(scores + l), lowest);
+            __m256i bins8 = _mm256_cvttps_epi32(_mm256_mul_ps(shifted, scale));
             uint32_t over = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bins8, below)));
             while (over) {
                 int64_t j = l + __builtin_ctz(over);
                 over &= over - 1;
-                keys[candidates++] = ((uint64_t)score_order(scores[j]) << 32) | (uint64_t)(~(uint32_t)j);
+                keys[candidates++] = scored_key(scores[j], j);
             }
         }
 #endif
         for (; l < leaves; ++l) {
-            if ((int32_t)((scores[l] - low) * per_bin) >= bin)
-                keys[candidates++] = ((uint64_t)score_order(scores[l]) << 32) | (uint64_t)(~(uint32_t)l);
+            if ((int32_t)((scores[l] - low) * per_bin) >= bin) keys[candidates++] = scored_key(scores[l], l);
         }
     } else {
-        for (l = 0; l < leaves; ++l) keys[l] = ((uint64_t)score_order(scores[l]) << 32) | (uint64_t)(~(uint32_t)l);
+        for (l = 0; l < leaves; ++l) keys[l] = scored_key(scores[l], l);
         candidates = leaves;
     }
     if (kept < candidates) keep_best(keys, candidates, kept);
     sort_descending(keys, kept);
     for (l = 0; l < kept; ++l) {
-        values[l] = order_score((uint32_t)(keys[l] >> 32));
-        ids[l] = (int64_t)(~(uint32_t)keys[l]);
+        values[l] = scored_key_score(keys[l]);
+        ids[l] = scored_key_position(keys[l]);
     }
     return kept;
 }
 
 /* The built index, as the Python side lays it out once per index (one pointer per call instead of ten
- * arguments): centroid_blocks [ceil(leaves / 32), d, 32] (best_leaves); leaf_offsets [leaves + 1] positions in partition order; leaf_blocks
- * [leaves] the first block of each partition; codes [blocks, subspaces / 2, 32]; codebooks [subspaces, 16,
- * sub_dim]; vectors [n, d] in partition order; rows [n] the original row of each position. d is a multiple of
- * 4 * sub_dim (zero padded). ids [n] the integer id of each original row (NULL for string ids); query_d the
- * queries' own dimension (at most d) for twotower_ivf_search_one, which pads them itself. */
+ * arguments): centroid_blocks [ceil(leaves / 32), d, 32] (best_leaves); leaf_offsets [leaves + 1] positions
+ * in partition order; leaf_blocks [leaves] the first block of each partition; codes [blocks, subspaces / 2, 32];
+ * codebooks [subspaces, 16, sub_dim]; vectors [n, d] in partition order; rows [n] the original row of each
+ * position. d is a multiple of 4 * sub_dim (zero padded). ids [n] the integer id of each original row (NULL for
+ * string ids); query_d the queries' own dimension (at most d) for twotower_ivf_search_one, which pads them
+ * itself. */
 typedef struct {
     const float *centroid_blocks;
     const int64_t *leaf_offsets;
@@ -394,7 +407,8 @@ typedef struct {
     uint8_t *luts;
     uint64_t *buf;
     uint32_t *histogram;
-    size_t leaf_scores_size, leaf_keys_size, leaf_values_size, query_size, leaf_ids_size, luts_size, buf_size, histogram_size;
+    size_t leaf_scores_size, leaf_keys_size, leaf_values_size, query_size, leaf_ids_size, luts_size, buf_size,
+        histogram_size;
 } workspace;
 
 static __thread workspace thread_workspace;
@@ -425,7 +439,7 @@ static int reserve_workspace(workspace *w, const ivf_index *index, int64_t leave
 }
 
 static void search_one(const ivf_index *index, workspace *w, const float *query, int64_t leaves_to_search,
-                       int64_t reorder, int64_t capacity, int64_t k, const int64_t *excluded,
+                       int64_t reorder, int64_t k, const int64_t *excluded,
                        int64_t excluded_width, float *out_scores, int64_t *out_rows) {
     const int64_t d = index->d, leaves = index->leaves, subspaces = index->subspaces, sub_dim = index->sub_dim;
     const int64_t *leaf_offsets = index->leaf_offsets, *leaf_blocks = index->leaf_blocks, *rows = index->rows;
@@ -473,7 +487,7 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
     }
 
     /* 3. the scan */
-    candidate_buffer cands = {w->buf, w->histogram, 0, capacity, reorder, INT32_MIN, INT32_MIN};
+    candidate_buffer cands = {w->buf, w->histogram, 0, buffer_capacity(reorder), reorder, INT32_MIN, INT32_MIN};
     float best_base = kept_leaves ? leaf_values[0] : 0.0f;
     uint16_t even[BLOCK / 2], odd[BLOCK / 2];
     for (int64_t i = 0; i < kept_leaves; ++i) {
@@ -537,15 +551,15 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
 
     /* 4. the exact reorder. The candidates lie at random places among the scanned partitions' vectors and each
      * read misses the cache: vectors are requested AHEAD candidates before they are scored, so that the misses
-     * overlap. The heap orders by (score, position); the corpus rows (another random read each) are looked up
-     * for the k kept only (and for every candidate when some are excluded). */
+     * overlap. The corpus rows (another random read each) are looked up for the k kept only (and for every
+     * candidate when some are excluded). */
     for (int64_t i = 0; i < cands.filled && i < AHEAD; ++i) {
         const char *vector = (const char *)(vectors + (int64_t)(uint32_t)cands.buf[i] * d);
         for (int64_t byte = 0; byte < d * (int64_t)sizeof(float); byte += 64) __builtin_prefetch(vector + byte);
     }
-    /* Each rescored candidate becomes one key, its exact score's order above its position's complement (equal
-     * scores: the earlier position first, as the scan's keys), written over the buffer it is read from; the k
-     * largest are then selected and sorted, with no branch per candidate on a heap. */
+    /* Each rescored candidate becomes one scored_key (equal scores: the earlier position first, as in the scan),
+     * written over the buffer it is read from; the k largest are then selected and sorted, with no branch per
+     * candidate on a heap. */
     int64_t filled = 0;
     for (int64_t i = 0; i < cands.filled; ++i) {
         if (i + AHEAD < cands.filled) {
@@ -555,7 +569,7 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
         int64_t position = (int64_t)(uint32_t)cands.buf[i];
         float s = dot(query, vectors + position * d, d);
         if (excluded != NULL && excluded_row(excluded, excluded_width, rows[position])) continue;
-        cands.buf[filled++] = ((uint64_t)score_order(s) << 32) | (uint64_t)(~(uint32_t)position);
+        cands.buf[filled++] = scored_key(s, position);
     }
     if (filled > k) {
         keep_best(cands.buf, filled, k);
@@ -563,8 +577,8 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
     }
     sort_descending(cands.buf, filled);
     for (int64_t i = 0; i < filled; ++i) {
-        out_scores[i] = order_score((uint32_t)(cands.buf[i] >> 32));
-        out_rows[i] = (int64_t)(~(uint32_t)cands.buf[i]);
+        out_scores[i] = scored_key_score(cands.buf[i]);
+        out_rows[i] = scored_key_position(cands.buf[i]);
     }
     /* positions to rows; a run of equal scores is put in row order (insertion sort: such runs are short) */
     for (int64_t i = 0; i < filled; ++i) {
@@ -579,15 +593,15 @@ static void search_one(const ivf_index *index, workspace *w, const float *query,
     }
 }
 
-/* queries: [nq, d]; excluded: [nq, excluded_width] original rows sorted ascending (INT64_MAX pads) or NULL.
- * Writes out_scores / out_rows [nq, k]: -inf / -1 where fewer than k were found. Returns 0, or 1 when the
- * working memory could not be allocated (the outputs are then not filled). */
+/* queries: [nq, d]; excluded: [nq, excluded_width] original rows sorted ascending (INT64_MAX pads) or NULL;
+ * 1 <= k <= reorder <= the corpus size (the Python side's _reorder_depth, excluded rows counted in). Writes
+ * out_scores / out_rows [nq, k]: -inf / -1 where fewer than k were found. Returns 0, or 1 when the working
+ * memory could not be allocated (the outputs are then not filled). */
 int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq, int64_t leaves_to_search,
                         int64_t reorder, int64_t k, const int64_t *excluded, int64_t excluded_width,
                         float *out_scores, int64_t *out_rows, int64_t threads) {
     int64_t d = index->d;
     if (leaves_to_search > index->leaves) leaves_to_search = index->leaves;
-    int64_t capacity = buffer_capacity(reorder);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (nq > 1)
     {
@@ -600,7 +614,7 @@ int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq
 #pragma omp for schedule(dynamic, 1)
         for (int64_t q = 0; q < nq; ++q) {
             if (!ok) continue;
-            search_one(index, w, queries + q * d, leaves_to_search, reorder, capacity, k,
+            search_one(index, w, queries + q * d, leaves_to_search, reorder, k,
                        excluded ? excluded + q * excluded_width : NULL, excluded_width, out_scores + q * k,
                        out_rows + q * k);
         }
@@ -609,8 +623,8 @@ int twotower_ivf_search(const ivf_index *index, const float *queries, int64_t nq
 }
 
 /* One query, as a server sends it (`query_d` floats, padded here; no threads, no exclusions), the whole path
- * from the query's check to its ids in one call (each call from Python costs microseconds). The reorder depth
- * is raised to k and cut to the corpus; 1 <= k <= the corpus size. Writes out_scores / out_rows [k] as
+ * from the query's check to its ids in one call (each call from Python costs microseconds). As for
+ * twotower_ivf_search, 1 <= k <= reorder <= the corpus size. Writes out_scores / out_rows [k] as
  * twotower_ivf_search does and, with integer ids, out_ids[i] = ids[out_rows[i]] (-1 for an empty slot).
  * Returns 0; 1 when the working memory could not be allocated; 2 when the query holds a non-finite value
  * (nothing is written: the caller raises). */
@@ -618,16 +632,12 @@ int twotower_ivf_search_one(const ivf_index *index, const float *query, int64_t 
                             int64_t k, float *out_scores, int64_t *out_ids, int64_t *out_rows) {
     for (int64_t t = 0; t < index->query_d; ++t)
         if (!isfinite(query[t])) return 2;
-    int64_t count = index->leaf_offsets[index->leaves];
     if (leaves_to_search > index->leaves) leaves_to_search = index->leaves;
-    reorder = reorder < k ? k : reorder;
-    reorder = reorder > count ? count : reorder;
     workspace *w = &thread_workspace;
     if (!reserve_workspace(w, index, leaves_to_search, reorder)) return 1;
     memcpy(w->query, query, sizeof(float) * index->query_d);
     memset(w->query + index->query_d, 0, sizeof(float) * (index->d - index->query_d));
-    search_one(index, w, w->query, leaves_to_search, reorder, buffer_capacity(reorder), k, NULL, 0, out_scores,
-               out_rows);
+    search_one(index, w, w->query, leaves_to_search, reorder, k, NULL, 0, out_scores, out_rows);
     if (index->ids != NULL)
         for (int64_t i = 0; i < k; ++i) out_ids[i] = out_rows[i] < 0 ? -1 : index->ids[out_rows[i]];
     return 0;

@@ -11,14 +11,24 @@
  */
 #include <math.h>
 #include <stdint.h>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+
+#include "heap.h" /* immintrin.h where vectors are built, horizontal_sum8 */
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define SOFTMAX_AVX2 1
 #endif
 
 #define EXP_LOWEST -87.33654475f
+/* Cephes's reduction and polynomial, shared by both vector widths: x = n ln 2 + r with ln 2 = LN2_HIGH + LN2_LOW
+ * (LN2_HIGH exact in few bits, so n * it is exact), then exp(r) = 1 + r + r^2 P(r), P's coefficients highest
+ * first. */
+#define LOG2E 1.44269504088896341f
+#define LN2_HIGH 0.693359375f
+#define LN2_LOW -2.12194440e-4f
+#if defined(__AVX512F__) || defined(SOFTMAX_AVX2)
+static const float EXP_COEFFICIENTS[6] = {
+    1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E-3f, 4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f,
+};
+#endif
 
 static inline float exp_scalar(float x) {
     return x < EXP_LOWEST ? 0.0f : expf(x);
@@ -28,17 +38,12 @@ static inline float exp_scalar(float x) {
 static inline __m512 exp16(__m512 x) {
     /* Lanes far below the normal range are zeroed at the end; NaN lanes compare unordered and are kept. */
     __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LOWEST), _CMP_NLT_UQ);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    /* ln 2 = 0.693359375 - 2.12194440e-4, the first part exact in few bits, so n * it is exact. */
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HIGH), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LOW), r);
+    __m512 p = _mm512_set1_ps(EXP_COEFFICIENTS[0]);
+    for (int c = 1; c < 6; ++c) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_COEFFICIENTS[c]));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
@@ -56,18 +61,14 @@ static inline __m256 exp8(__m256 x) {
         return _mm256_loadu_ps(lanes);
     }
     __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_LOWEST), _CMP_NLT_UQ);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HIGH), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LOW), r);
+    __m256 p = _mm256_set1_ps(EXP_COEFFICIENTS[0]);
+    for (int c = 1; c < 6; ++c) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_COEFFICIENTS[c]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23));
     return _mm256_and_ps(keep, _mm256_mul_ps(p, two_n));
 }
 
@@ -75,12 +76,6 @@ static inline float max8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-static inline float sum8(__m256 v) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
 }
 #endif
 
@@ -119,7 +114,7 @@ void twotower_softmax_rows(float *logits, int64_t rows, int64_t cols, int64_t st
             _mm256_storeu_ps(row + j, e);
             block_sum = _mm256_add_ps(block_sum, e);
         }
-        s = sum8(block_sum);
+        s = horizontal_sum8(block_sum);
 #endif
         for (; j < cols; ++j) {
             row[j] = exp_scalar(row[j] - m);
@@ -242,7 +237,7 @@ void twotower_softmax_rows_bf16(const void *input, int64_t input_is_bf16, int64_
             store8_bf16(out + j, e);
             block_sum = _mm256_add_ps(block_sum, e);
         }
-        s = sum8(block_sum);
+        s = horizontal_sum8(block_sum);
 #endif
         for (; j < cols; ++j) {
             float e = exp_scalar((input_is_bf16 ? widen_bf16(row16[j]) : row32[j]) - m);
